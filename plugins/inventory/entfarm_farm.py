@@ -1,0 +1,59 @@
+"""Ansible inventory plugin: the farm described by inventories/<farm>/farm.yml.
+
+Enabled by the project's ansible.cfg, so ``ansible-inventory -i inventories/lab/farm.yml --graph``
+works as is, from the command line as from AWX (inventory source "Sourced from a Project").
+"""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: entfarm_farm
+short_description: entfarm farm description (farm.yml) as an inventory
+description:
+  - Reads an entfarm C(farm.yml), validates it and builds one group per service, per
+    département (C(departement_<code>)) and per wave (C(wave_<id>)), with the model as variables.
+  - The file is recognised by its name (C(farm.yml) or C(farm.yaml)); no C(plugin:) key is needed.
+options: {}
+"""
+
+import os
+import sys
+
+from ansible.errors import AnsibleParserError
+from ansible.plugins.inventory import BaseInventoryPlugin
+
+try:
+    from entfarm.errors import UserError
+    from entfarm.inventory import farm_vars, groups, host_vars
+    from entfarm.model import load_farm
+except ImportError:  # running from a checkout (AWX project) without entfarm installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from entfarm.errors import UserError
+    from entfarm.inventory import farm_vars, groups, host_vars
+    from entfarm.model import load_farm
+
+
+class InventoryModule(BaseInventoryPlugin):
+    NAME = "entfarm_farm"
+
+    def verify_file(self, path):
+        return super().verify_file(path) and os.path.basename(path) in ("farm.yml", "farm.yaml")
+
+    def parse(self, inventory, loader, path, cache=True):
+        super().parse(inventory, loader, path, cache)
+        try:
+            farm = load_farm(path)
+        except UserError as exc:
+            raise AnsibleParserError(str(exc)) from None
+        for name, value in farm_vars(farm).items():
+            self.inventory.set_variable("all", name, value)
+        for host, variables in host_vars(farm).items():
+            self.inventory.add_host(host)
+            for name, value in variables.items():
+                self.inventory.set_variable(host, name, value)
+        for group, entry in groups(farm).items():
+            self.inventory.add_group(group)
+            for host in entry["hosts"]:
+                self.inventory.add_host(host, group=group)
+            for name, value in entry["vars"].items():
+                self.inventory.set_variable(group, name, value)
