@@ -84,6 +84,8 @@ def host_vars(farm: Farm) -> dict[str, dict[str, Any]]:
         hv["entfarm_host_public_names"] = list(dict.fromkeys(names))
         if host.etablissement:
             hv["entfarm_etablissement"] = etabs[host.etablissement].model_dump()
+        # Address other hosts use to reach this one on the farm network (lab: Docker DNS alias).
+        hv["entfarm_address"] = host.name if farm.kind == "lab" else (host.address or host.name)
         if farm.kind == "lab":
             hv["ansible_connection"] = "community.docker.docker"
             hv["ansible_host"] = farm.container_name(host.name)
