@@ -9,11 +9,16 @@ mistake in one établissement does not hide a reference mistake in another.
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import json
 import re
+import sys
+import types
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -23,22 +28,46 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from pydantic.fields import FieldInfo
 
 from .errors import Problem, ValidationFailed
 from .uai import uai_problem
-from .yamlsrc import Located, PathPart, load_located
+from .yamlsrc import Located, YamlPath, load_located
 
 FARM_FILE = "farm.yml"
 DNS_LABEL_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _DNS_LABEL = re.compile(DNS_LABEL_RE)
 _DOMAIN = re.compile(r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$")
 
+DEPARTEMENT_RE = r"^(0[1-9][0-9]|[1-9][0-9]{2}|02[AB])$"
+WAVE_ID_RE = r"^[a-z0-9_]{1,32}$"
+COLOR_RE = r"^#[0-9a-fA-F]{6}$"
+SHA256_RE = r"^[0-9a-f]{64}$"
+ACADEMIE_CODE_RE = r"^[0-9]{2}$"
+BASE_DN_RE = r"^dc=[a-z0-9-]+(,dc=[a-z0-9-]+)*$"
+SOURCE_NAME_RE = r"^[a-z0-9_-]+$"
+UAI_RE = r"^[0-9]{7}[A-Z]$"
+
 DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL_RE)]
 Domain = Annotated[str, StringConstraints(pattern=_DOMAIN.pattern, max_length=253)]
-DepartementCode = Annotated[str, StringConstraints(pattern=r"^(0[1-9][0-9]|[1-9][0-9]{2}|02[AB])$")]
-WaveId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")]
-Color = Annotated[str, StringConstraints(pattern=r"^#[0-9a-fA-F]{6}$")]
-Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+DepartementCode = Annotated[str, StringConstraints(pattern=DEPARTEMENT_RE)]
+WaveId = Annotated[str, StringConstraints(pattern=WAVE_ID_RE)]
+Color = Annotated[str, StringConstraints(pattern=COLOR_RE)]
+Sha256 = Annotated[str, StringConstraints(pattern=SHA256_RE)]
+
+# What each pattern means, for error messages: a regular expression is not an explanation.
+PATTERN_MEANING: dict[str, str] = {
+    DNS_LABEL_RE: "a DNS label: lower-case letters, digits and '-', at most 63 characters, "
+    "not starting or ending with '-' (e.g. portal-1)",
+    _DOMAIN.pattern: "a lower-case domain name such as ent.example.fr",
+    DEPARTEMENT_RE: 'a département code of three characters, quoted: "036", "045", "971", "02A"',
+    WAVE_ID_RE: "a wave id: lower-case letters, digits and '_', at most 32 (e.g. \"1\", pilotes)",
+    COLOR_RE: 'a colour written #rrggbb, quoted (e.g. "#005a8c")',
+    SHA256_RE: "a SHA-256 digest: 64 lower-case hexadecimal digits, as printed by sha256sum",
+    ACADEMIE_CODE_RE: 'an académie code of two digits, quoted (Orléans-Tours is "18")',
+    BASE_DN_RE: "a base DN made of dc= parts, e.g. dc=ac-orleans-tours,dc=fr",
+    SOURCE_NAME_RE: "an artifact name: lower-case letters, digits, '_' and '-'",
+}
 
 
 @dataclass(frozen=True)
@@ -97,40 +126,44 @@ class FarmSection(_Strict):
 
 
 class Academie(_Strict):
-    code: Annotated[str, StringConstraints(pattern=r"^[0-9]{2}$")] = Field(
+    code: Annotated[str, StringConstraints(pattern=ACADEMIE_CODE_RE)] = Field(
         description="Académie code, two digits (Orléans-Tours is 18)."
     )
-    name: str = Field(min_length=1)
-    base_dn: Annotated[str, StringConstraints(pattern=r"^dc=[a-z0-9-]+(,dc=[a-z0-9-]+)*$")] = Field(
+    name: str = Field(min_length=1, description="Name of the académie, e.g. Orléans-Tours.")
+    base_dn: Annotated[str, StringConstraints(pattern=BASE_DN_RE)] = Field(
         description="Base DN of the académie's directory, e.g. dc=ac-orleans-tours,dc=fr."
     )
 
 
 class Colors(_Strict):
-    primary: Color
-    secondary: Color
+    primary: Color = Field(description="Main colour of the portal, #rrggbb.")
+    secondary: Color = Field(description="Background colour of the portal, #rrggbb.")
 
 
 class Branding(_Strict):
     name: str = Field(min_length=1, description="Name shown on the portal.")
     logo: str | None = Field(default=None, description="Path relative to the inventory directory.")
-    colors: Colors
+    colors: Colors = Field(description="Portal colours.")
 
 
 class Departement(_Strict):
-    code: DepartementCode = Field(description="Three characters: 036, 045, 02A …")
-    name: str = Field(min_length=1)
+    code: DepartementCode = Field(
+        description="Three characters, quoted: 036, 045, 02A …; the Ansible group is "
+        "departement_<code>."
+    )
+    name: str = Field(min_length=1, description="Name of the département, e.g. Loiret.")
     domain: Domain = Field(description="Public domain of the département's portal.")
-    branding: Branding
+    branding: Branding = Field(description="How the portal looks for this département.")
 
 
 class Wave(_Strict):
     id: WaveId = Field(description="Short id; the Ansible group is wave_<id>.")
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="Human name of the stage.")
     canary: int = Field(default=1, ge=0, description="Établissements onboarded first, alone.")
     failure_threshold: float = Field(
         default=0.1, ge=0, le=1,
-        description="Share of the wave's établissements that may fail before the wave stops.",
+        description="Share (0 to 1) of the wave's établissements that may fail before the wave "
+        "stops; 0.1 is 10%.",
     )
 
     @field_validator("id", mode="before")
@@ -140,12 +173,19 @@ class Wave(_Strict):
 
 
 class Etablissement(_Strict):
-    uai: str = Field(description="7 digits then the check letter, e.g. 0290009C.")
-    name: str = Field(min_length=1)
-    type: Literal["college", "lycee", "lycee_professionnel", "erea", "ecole"] = "college"
-    commune: str = Field(min_length=1)
-    departement: DepartementCode
-    wave: WaveId
+    uai: str = Field(
+        description="7 digits then the check letter, e.g. 0290009C.",
+        json_schema_extra={"pattern": UAI_RE},
+    )
+    name: str = Field(min_length=1, description="Name of the établissement.")
+    type: Literal["college", "lycee", "lycee_professionnel", "erea", "ecole"] = Field(
+        default="college", description="Kind of établissement."
+    )
+    commune: str = Field(min_length=1, description="Commune where it stands.")
+    departement: DepartementCode = Field(
+        description="Code of a département declared under departements."
+    )
+    wave: WaveId = Field(description="Id of a wave declared under waves.")
     school_server: bool = Field(default=False, description="Gets a host named se-<uai>.")
 
     @field_validator("uai")
@@ -168,7 +208,10 @@ class Etablissement(_Strict):
 
 class Host(_Strict):
     name: DnsLabel = Field(description="Host name: a DNS label (lower case, digits, '-').")
-    address: str | None = Field(default=None, description="Production: address to SSH to.")
+    address: str | None = Field(
+        default=None, min_length=1,
+        description="Production: address to SSH to; unset, the host name (resolved by DNS).",
+    )
 
 
 class ServicePlacement(_Strict):
@@ -182,42 +225,56 @@ class ServicePlacement(_Strict):
 
 
 class ArtifactSource(_Strict):
-    url: str
-    sha256: Sha256
-    version: str | None = None
+    url: str = Field(min_length=1, description="Where the controller downloads the release.")
+    sha256: Sha256 = Field(description="Expected SHA-256 of the file; checked after download.")
+    version: str | None = Field(default=None, description="Release version, for reports.")
 
 
 class Artifacts(_Strict):
     store: str = Field(default="state/artifacts", description="Relative to the inventory.")
     mirror: str | None = Field(default=None, description="Base URL replacing release URLs.")
-    sources: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]+$")], ArtifactSource] = (
-        Field(default_factory=dict)
+    sources: dict[Annotated[str, StringConstraints(pattern=SOURCE_NAME_RE)], ArtifactSource] = (
+        Field(default_factory=dict, description="Release files the store holds, by name.")
     )
 
 
 class LabPublish(_Strict):
-    https: int = Field(default=8443, ge=1024, le=65535)
-    http: int = Field(default=8080, ge=1024, le=65535)
+    https: int = Field(default=8443, ge=1024, le=65535, description="127.0.0.1 port -> edge:443.")
+    http: int = Field(default=8080, ge=1024, le=65535, description="127.0.0.1 port -> edge:80.")
 
 
 class Lab(_Strict):
-    network: DnsLabel = "entfarm-lab"
-    publish: LabPublish = Field(default_factory=LabPublish)
+    network: DnsLabel = Field(default="entfarm-lab", description="Docker bridge network.")
+    publish: LabPublish = Field(
+        default_factory=LabPublish, description="Loopback ports publishing the edge proxy."
+    )
 
 
 class FarmSpec(_Strict):
     """The document as written. :class:`Farm` adds what is derived from it."""
 
-    farm: FarmSection
-    academie: Academie
-    departements: list[Departement] = Field(min_length=1)
-    waves: list[Wave] = Field(min_length=1)
-    etablissements: list[Etablissement] = Field(default_factory=list)
-    hosts: list[Host] = Field(min_length=1)
-    services: dict[str, ServicePlacement]
-    versions: dict[str, str] = Field(default_factory=dict)
-    artifacts: Artifacts = Field(default_factory=Artifacts)
-    lab: Lab | None = None
+    farm: FarmSection = Field(description="The farm as a whole.")
+    academie: Academie = Field(description="The académie whose directory the farm serves.")
+    departements: list[Departement] = Field(
+        min_length=1, description="Départements served; each gets a portal domain and branding."
+    )
+    waves: list[Wave] = Field(min_length=1, description="Onboarding stages.")
+    etablissements: list[Etablissement] = Field(
+        default_factory=list, description="Établissements, each in a département and a wave."
+    )
+    hosts: list[Host] = Field(
+        min_length=1, description="Central hosts; school servers se-<uai> are derived."
+    )
+    services: dict[str, ServicePlacement] = Field(
+        description="Service name (from the catalogue) -> the hosts carrying it."
+    )
+    versions: dict[str, str] = Field(
+        default_factory=dict, description="Pinned versions by component, as text."
+    )
+    artifacts: Artifacts = Field(
+        default_factory=Artifacts, description="The farm's artifact store."
+    )
+    lab: Lab | None = Field(default=None, description="Lab settings (kind: lab).")
 
     @field_validator("versions", mode="before")
     @classmethod
@@ -288,7 +345,8 @@ class Farm:
             if etab.school_server:
                 name = etab.school_server_host
                 address = declared[name].address if name in declared else None
-                result.append(FarmHost(name, address, (SCHOOL_SERVER_GROUP,), etab.uai))
+                services = (SCHOOL_SERVER_GROUP, *carried.get(name, ()))
+                result.append(FarmHost(name, address, services, etab.uai))
         return result
 
     def _is_school_host(self, name: str) -> bool:
@@ -333,87 +391,123 @@ class Farm:
 
 
 # -- loading and validation ----------------------------------------------------------------
+#
+# Validation runs on the data as read, in three passes whose problems are reported together:
+# 1. scalars: YAML 1.1 reads some unquoted text as numbers (036 is octal 30, 4.10 is 4.1); a
+#    number is taken as written, and one whose meaning YAML changed is a problem of its own;
+# 2. structure (types, required and unknown keys, patterns) through pydantic;
+# 3. cross-references (duplicates, unknown départements, waves and hosts), tolerant of the
+#    structural mistakes already reported, so that each mistake is reported once.
+
+REQUIRED_SECTIONS = ("farm", "academie", "departements", "waves", "hosts", "services")
 
 
-def _suggest(bad: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(bad, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"valid keys here: {', '.join(sorted(valid))}{hint}"
+def _suggest(bad: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(bad, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _model_at(loc: tuple[PathPart, ...]) -> type[BaseModel] | None:
-    """The pydantic model that validates the mapping at ``loc`` (for unknown-key hints)."""
-    model: Any = FarmSpec
-    for part in loc:
-        if model is None:
-            return None
-        if isinstance(part, int):
+def _strip(annotation: Any) -> Any:
+    """X for Annotated[X, ...] and X | None."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
             continue
-        fields = getattr(model, "model_fields", None)
-        if fields is None:
-            return None
-        if part not in fields:
-            # a key of a dict[str, Model] (services.<name>, artifacts.sources.<name>)
-            return None
-        annotation = fields[part].annotation
-        model = _unwrap_model(annotation)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _unwrap_model(annotation: Any) -> Any:
-    args = getattr(annotation, "__args__", None)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if origin in (Union, types.UnionType):
+            args = [a for a in get_args(annotation) if a is not type(None)]
+            if len(args) == 1:
+                annotation = args[0]
+                continue
         return annotation
-    if args:
-        for arg in reversed(args):  # dict[str, X] -> X, list[X] -> X, X | None -> X
-            found = _unwrap_model(arg)
-            if found is not None:
-                return found
-    return None
 
 
-def _structural_problems(src: Located) -> list[Problem]:
-    try:
-        FarmSpec.model_validate(src.data)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            loc: tuple[PathPart, ...] = tuple(err["loc"])
-            # pydantic appends the validator's tag for unions (e.g. 'str'): drop non-path parts
-            loc = _clean_loc(src.data, loc)
-            value = err.get("input")
-            if err["type"] == "extra_forbidden":
-                parent = _model_at(loc[:-1])
-                valid = list(parent.model_fields) if parent else []
-                msg = f"unknown key {loc[-1]!r}; " + _suggest(str(loc[-1]), valid)
-            elif err["type"] == "missing":
-                msg = f"required key {loc[-1]!r} is missing"
-            elif err["type"] == "value_error":
-                msg = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
-            else:
-                msg = f"{_short(value)}: {_explain(err)}"
-            problems.append(src.problem(loc, msg))
-        return problems
-    return []
-
-
-def _clean_loc(data: Any, loc: tuple[PathPart, ...]) -> tuple[PathPart, ...]:
-    clean: list[PathPart] = []
-    node = data
+def _annotation_at(loc: YamlPath) -> Any:
+    """The type the model expects at ``loc`` (None when the path leaves the model)."""
+    current: Any = FarmSpec
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            clean.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            clean.append(part)
-            node = node[part]
-        elif isinstance(node, dict) and not clean or isinstance(node, dict):
-            # missing or extra key: keep it as the last element and stop
-            clean.append(part)
-            node = None
+        current = _strip(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if isinstance(part, str) and part in current.model_fields:
+                current = current.model_fields[part].annotation
+                continue
+            return None
+        origin, args = get_origin(current), get_args(current)
+        if origin is list and isinstance(part, int):
+            current = args[0]
+        elif origin is dict and isinstance(part, str):
+            current = args[1]
         else:
-            continue
-    return tuple(clean)
+            return None
+    return _strip(current)
+
+
+def _model_at(loc: YamlPath) -> type[BaseModel] | None:
+    found = _annotation_at(loc)
+    return found if isinstance(found, type) and issubclass(found, BaseModel) else None
+
+
+def _field_at(loc: YamlPath) -> FieldInfo | None:
+    parent = _model_at(loc[:-1]) if loc else None
+    if parent is None or not isinstance(loc[-1], str):
+        return None
+    return parent.model_fields.get(loc[-1])
+
+
+def _number_note(written: str, value: int) -> str:
+    bare = written.lstrip("+-")
+    if re.fullmatch(r"0[0-7_]+", bare):
+        how = f"the octal number {value}"
+    elif bare.startswith(("0x", "0b")):
+        how = f"the {'hexadecimal' if bare[1] == 'x' else 'binary'} number {value}"
+    elif ":" in bare:
+        how = f"the base-60 number {value}"
+    else:
+        how = f"the number {value}"
+    return f'YAML 1.1 reads {written} as {how}, not as written: quote it ("{written}")'
+
+
+def _normalise(src: Located) -> tuple[Any, dict[YamlPath, str]]:
+    """Numbers as written, and a note for each number YAML read differently from its text."""
+    notes: dict[YamlPath, str] = {}
+
+    def walk(value: Any, path: YamlPath) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, (*path, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, (*path, i)) for i, v in enumerate(value)]
+        written = src.written.get(path)
+        if written is None or isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            if written.lstrip("+") != str(value):
+                notes[path] = _number_note(written, value)
+            return written.lstrip("+")
+        if isinstance(value, float):
+            try:
+                float(written)
+            except ValueError:  # .inf, .nan, 1:30.5
+                return value
+            return written  # 4.10 stays 4.10 for a version; a number field parses it
+        return value
+
+    return walk(src.data, ()), notes
+
+
+def _kind_of(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return "a date"
+    return "text"
 
 
 def _short(value: Any) -> str:
@@ -421,26 +515,137 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _explain(err: Any) -> str:
-    kind = err["type"]
-    ctx = err.get("ctx", {})
+def _shown(src: Located, loc: YamlPath, value: Any) -> str:
+    """The value as the user wrote it when we know, else its repr."""
+    written = src.written.get(loc)
+    if written is not None and not isinstance(value, (dict, list)):
+        return written or "(empty)"
+    if value is None:
+        return "(empty)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list" if value else "[]"
+    return _short(value)
+
+
+_TYPE_EXPECTED = {
+    "dict_type": "a mapping (key: value lines)",
+    "list_type": "a list",
+    "string_type": "text",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+}
+_BOUNDS = {
+    "greater_than_equal": ("ge", "at least"),
+    "less_than_equal": ("le", "at most"),
+    "greater_than": ("gt", "more than"),
+    "less_than": ("lt", "less than"),
+}
+
+
+def _message(err: Any, loc: YamlPath, is_key: bool, src: Located) -> str:
+    kind: str = err["type"]
+    ctx: dict[str, Any] = err.get("ctx") or {}
+    value = err.get("input")
+    shown = f"key {loc[-1]!r}" if is_key else _shown(src, loc, value)
+    field = _field_at(loc)
+
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        return (f"unknown key {loc[-1]!r}{_suggest(str(loc[-1]), valid)}; "
+                f"valid keys here: {', '.join(valid)}")
+    if kind == "missing":
+        about = f": {field.description}" if field and field.description else ""
+        return f"required key {loc[-1]!r} is missing{about}"
+    if kind == "value_error":
+        return str(ctx["error"]) if "error" in ctx else str(err["msg"])
+    if kind == "dict_type" and field and field.description:
+        return f"expected a mapping ({field.description.rstrip('.')}), got {_kind_of(value)}"
+    if kind in ("model_type", "model_attributes_type") or (
+        kind == "dict_type" and _model_at(loc) is not None
+    ):
+        model = _model_at(loc)
+        keys = f" with the keys {', '.join(model.model_fields)}" if model else ""
+        message = f"expected a mapping{keys}, got {_kind_of(value)}"
+        if model and isinstance(value, str) and "name" in model.model_fields:
+            message += f" (write: - name: {value})"
+        return message
+    if kind in _TYPE_EXPECTED:
+        message = f"expected {_TYPE_EXPECTED[kind]}, got "
+        message += _kind_of(value) if isinstance(value, (dict, list)) or value is None else (
+            f"{shown} ({_kind_of(value)})")
+        written = src.written.get(loc)
+        if kind == "string_type" and written and not isinstance(value, (dict, list)):
+            message += f'; YAML reads {written} as {_kind_of(value)}: quote it ("{written}")'
+        if kind == "list_type" and isinstance(value, str):
+            message += f"; write [{value}]"
+        return message
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "too_short":
+        if isinstance(value, (list, dict)):
+            need = ctx.get("min_length", 1)
+            return f"expected at least {need} item{'s' if need != 1 else ''}, got none"
+        return "must not be empty"
+    if kind == "too_long":
+        return f"{shown}: at most {ctx.get('max_length')} allowed"
+    if kind in _BOUNDS:
+        key, words = _BOUNDS[kind]
+        bound = ctx.get(key)
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        about = field.description if field and field.description else ""
+        about = f" ({about[:1].lower()}{about[1:].rstrip('.')})" if about else ""
+        return f"{shown}: must be {words} {bound}{about}"
     if kind == "string_pattern_mismatch":
-        pattern = ctx.get("pattern", "")
-        known = {
-            DNS_LABEL_RE: "a DNS label: lower-case letters, digits and '-', at most 63, "
-            "not starting or ending with '-'",
-            _DOMAIN.pattern: "a lower-case domain name such as ent.example.fr",
-        }
-        return "expected " + known.get(pattern, f"a value matching {pattern}")
+        pattern = str(ctx.get("pattern", ""))
+        return f"{shown}: expected " + PATTERN_MEANING.get(pattern, f"text matching {pattern}")
     if kind == "literal_error":
-        return f"expected one of {ctx.get('expected')}"
-    return str(err["msg"]).lower()
+        expected = str(ctx.get("expected", ""))
+        choices = re.findall(r"'([^']*)'", expected)
+        return f"{shown}: expected one of {expected}" + _suggest(str(value), choices)
+    text = str(err["msg"])
+    return f"{shown}: {text[:1].lower()}{text[1:]}"
 
 
-def _reference_problems(src: Located) -> list[Problem]:
-    """Cross-reference checks on the raw data; tolerant of structural errors already reported."""
-    data = src.data if isinstance(src.data, dict) else {}
+def _structural_problems(src: Located, data: Any, notes: dict[YamlPath, str]) -> list[Problem]:
     problems: list[Problem] = []
+    noted: set[YamlPath] = set()
+    try:
+        FarmSpec.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+            is_key = bool(loc) and loc[-1] == "[key]"
+            if is_key:
+                loc = loc[:-1]
+            message = _message(err, loc, is_key, src)
+            if loc in notes and not is_key:
+                message += f"; {notes[loc]}"
+                noted.add(loc)
+            problems.append(src.problem(loc, message))
+    problems += [src.problem(loc, note) for loc, note in notes.items() if loc not in noted]
+    return problems
+
+
+def _uai_prefix(code: str) -> str:
+    """First three digits of the UAIs of a département (Corsica's are 620 and 720)."""
+    return {"02A": "620", "02B": "720"}.get(code, code)
+
+
+def _reference_problems(src: Located, data: dict[str, Any]) -> list[Problem]:
+    """Cross-reference checks; each looks only at values that are well formed."""
+    problems: list[Problem] = []
+
+    def add(loc: YamlPath, message: str) -> None:
+        problems.append(src.problem(loc, message))
 
     def items(key: str) -> list[tuple[int, dict[str, Any]]]:
         value = data.get(key)
@@ -448,85 +653,157 @@ def _reference_problems(src: Located) -> list[Problem]:
             return []
         return [(i, v) for i, v in enumerate(value) if isinstance(v, dict)]
 
-    dep_codes = [str(d.get("code")) for _, d in items("departements")]
-    wave_ids = [str(w.get("id")) for _, w in items("waves")]
-    for key, ids, what in (("departements", dep_codes, "code"), ("waves", wave_ids, "id")):
-        seen: dict[str, int] = {}
-        for i, item in items(key):
-            ident = str(item.get(what))
-            if ident in seen:
-                problems.append(src.problem(
-                    (key, i, what),
-                    f"{ident!r} is already used by {key}[{seen[ident]}]; each {what} is unique"))
-            seen.setdefault(ident, i)
+    def declared(key: str, field: str, what: str) -> dict[str, int] | None:
+        """Id -> index of the ids of a section; None when the section is unusable.
 
-    host_names: list[str] = [str(h.get("name")) for _, h in items("hosts")]
-    seen_hosts: dict[str, int] = {}
-    for i, host in items("hosts"):
-        name = str(host.get("name"))
-        if name in seen_hosts:
-            problems.append(src.problem(
-                ("hosts", i, "name"),
-                f"host {name!r} is already declared at hosts[{seen_hosts[name]}]"))
-        seen_hosts.setdefault(name, i)
+        Ids of the wrong shape count as declared: their shape is reported by the structure
+        pass, and a reference to them would only repeat it. A bare string item (``- edge``
+        instead of ``- name: edge``) is read as its id for the same reason.
+        """
+        section = data.get(key)
+        if not isinstance(section, list):
+            return None
+        seen: dict[str, int] = {}
+        for i, item in enumerate(section):
+            ident = item.get(field) if isinstance(item, dict) else item
+            if not isinstance(ident, str):
+                continue
+            if ident in seen:
+                add((key, i, field), f"{what} {ident!r} is already declared at "
+                    f"{key}[{seen[ident]}]; each {what} appears once")
+            else:
+                seen[ident] = i
+        return seen
+
+    dep_codes = declared("departements", "code", "département code")
+    wave_ids = declared("waves", "id", "wave id")
+    host_names = declared("hosts", "name", "host name")
 
     seen_uai: dict[str, int] = {}
+    school_hosts: dict[str, int] = {}
     for i, etab in items("etablissements"):
         uai = etab.get("uai")
-        if isinstance(uai, str):
+        valid_uai = isinstance(uai, str) and uai_problem(uai) is None
+        if isinstance(uai, str) and valid_uai:
             if uai in seen_uai:
-                problems.append(src.problem(
-                    ("etablissements", i, "uai"),
+                add(("etablissements", i, "uai"),
                     f"UAI {uai!r} is already used by etablissements[{seen_uai[uai]}]; "
-                    "each établissement appears once"))
-            seen_uai.setdefault(uai, i)
+                    "each établissement appears once")
+            else:
+                seen_uai[uai] = i
             if etab.get("school_server") is True:
-                host_names.append(f"se-{uai.lower()}")
+                school_hosts[f"se-{uai.lower()}"] = i
         dep = etab.get("departement")
-        if dep is not None and str(dep) not in dep_codes:
-            problems.append(src.problem(
-                ("etablissements", i, "departement"),
-                f"unknown département {str(dep)!r}; declared: {', '.join(dep_codes) or 'none'}"))
+        if isinstance(dep, str) and re.match(DEPARTEMENT_RE, dep) and dep_codes is not None:
+            if dep not in dep_codes:
+                add(("etablissements", i, "departement"),
+                    f"unknown département {dep!r}{_suggest(dep, dep_codes)}; declared under "
+                    f"departements: {', '.join(dep_codes) or 'none'}")
+            elif isinstance(uai, str) and valid_uai and not uai.startswith(_uai_prefix(dep)):
+                add(("etablissements", i, "departement"),
+                    f"{dep!r} does not match UAI {uai}, whose first three digits give the "
+                    f"département ({uai[:3]}); expected departement: \"{uai[:3]}\" "
+                    "or check the UAI")
         wave = etab.get("wave")
-        if wave is not None and str(wave) not in wave_ids:
-            problems.append(src.problem(
-                ("etablissements", i, "wave"),
-                f"unknown wave {str(wave)!r}; declared: {', '.join(wave_ids) or 'none'}"))
+        if isinstance(wave, str) and re.match(WAVE_ID_RE, wave) and wave_ids is not None:
+            if wave not in wave_ids:
+                add(("etablissements", i, "wave"),
+                    f"unknown wave {wave!r}{_suggest(wave, wave_ids)}; declared under waves: "
+                    f"{', '.join(wave_ids) or 'none'}")
 
     services = data.get("services")
-    if isinstance(services, dict):
-        for service, placement in services.items():
-            if service not in SERVICE_CATALOGUE:
-                problems.append(src.problem(
-                    ("services", service),
-                    f"unknown service {service!r}; " + _suggest(service, list(SERVICE_CATALOGUE))
-                    .replace("valid keys here", "known services")))
+    if not isinstance(services, dict):
+        return problems
+    known_hosts = None if host_names is None else {**host_names, **school_hosts}
+    # public name -> (what defines it, where, set explicitly)
+    published: dict[str, list[tuple[str, YamlPath, bool]]] = {}
+    farm_domain = data.get("farm", {}).get("domain") if isinstance(data.get("farm"), dict) else None
+    for service, placement in services.items():
+        if service not in SERVICE_CATALOGUE:
+            add(("services", service),
+                f"unknown service {service!r}{_suggest(service, SERVICE_CATALOGUE)}; "
+                f"known services: {', '.join(SERVICE_CATALOGUE)}")
+            continue
+        if not isinstance(placement, dict):
+            continue
+        placed: dict[str, str] = {}
+        for field in ("hosts", "replicas"):
+            hosts = placement.get(field)
+            if not isinstance(hosts, list):
                 continue
-            if not isinstance(placement, dict):
-                continue
-            for field in ("hosts", "replicas"):
-                hosts = placement.get(field)
-                if not isinstance(hosts, list):
+            for j, host in enumerate(hosts):
+                if not isinstance(host, str) or not re.match(DNS_LABEL_RE, host):
                     continue
-                for j, host in enumerate(hosts):
-                    if str(host) not in host_names:
-                        problems.append(src.problem(
-                            ("services", service, field, j),
-                            f"service {service!r} is placed on undeclared host {host!r}; "
-                            f"declared hosts: {', '.join(host_names) or 'none'}"))
-        if "proxy" not in services:
-            problems.append(src.problem(
-                ("services",), "no host carries the 'proxy' service: the farm needs an edge"))
+                here = f"{field}[{j}]"
+                if known_hosts is not None and host not in known_hosts:
+                    central = ", ".join(host_names or {}) or "none"
+                    schools = (f" (and the {len(school_hosts)} school servers se-<uai>)"
+                               if school_hosts else "")
+                    add(("services", service, field, j),
+                        f"service {service!r} is placed on undeclared host {host!r}"
+                        f"{_suggest(host, known_hosts)}; declared hosts: {central}{schools}")
+                elif host in placed:
+                    add(("services", service, field, j),
+                        f"host {host!r} is already listed at services.{service}.{placed[host]}; "
+                        "a host carries a service once")
+                else:
+                    placed[host] = here
+        label = placement.get("public_name")
+        kind = SERVICE_CATALOGUE[service]
+        if label is not None and kind.public_name is None:
+            publishable = [s for s, k in SERVICE_CATALOGUE.items() if k.public_name]
+            add(("services", service, "public_name"),
+                f"{service!r} is not published by the proxy, so it takes no public_name; "
+                f"services with a public name: {', '.join(publishable)}")
+        elif isinstance(farm_domain, str):
+            explicit = isinstance(label, str)
+            label = label if isinstance(label, str) else kind.public_name
+            if label:
+                where: YamlPath = ("services", service, "public_name") if explicit else (
+                    "services", service)
+                published.setdefault(f"{label}.{farm_domain}", []).append(
+                    (f"service {service!r}", where, explicit))
+    if "portal" in services:
+        for i, dep in items("departements"):
+            domain = dep.get("domain")
+            if isinstance(domain, str):
+                published.setdefault(domain, []).append(
+                    (f"the portal of departements[{i}]", ("departements", i, "domain"), True))
+    for name, users in published.items():
+        if len(users) < 2:
+            continue
+        # Blame the names written in the file rather than the catalogue's defaults.
+        blamed = [u for u in users if u[2]] or users[1:]
+        for who, where, _ in blamed:
+            others = ", ".join(w for w, _, _ in users if w != who)
+            add(where, f"public name {name!r} of {who} is also the public name of {others}; "
+                "each public name serves one service")
+    if "proxy" not in services:
+        add(("services",), "no host carries the 'proxy' service: the farm needs an edge "
+            "(add services.proxy.hosts: [<host>])")
     return problems
 
 
-def validate_document(src: Located) -> list[Problem]:
-    problems = _structural_problems(src) + _reference_problems(src)
-    # Structural and reference passes may both see one mistake; report it once.
+def _check(src: Located) -> tuple[Any, list[Problem]]:
+    """The data to build the model from, and every problem found."""
+    problems = list(src.problems)
+    if not isinstance(src.data, dict):
+        got = "the file is empty" if src.data is None else f"got {_kind_of(src.data)}"
+        problems.append(src.problem((), f"expected a mapping with the sections "
+                                    f"{', '.join(REQUIRED_SECTIONS)}; {got}"))
+        return src.data, problems
+    data, notes = _normalise(src)
+    problems += _structural_problems(src, data, notes) + _reference_problems(src, data)
+    # Passes may meet one mistake twice; report it once, in file order.
     unique: dict[tuple[str, str], Problem] = {}
     for p in problems:
         unique.setdefault((p.path, p.message), p)
-    return sorted(unique.values(), key=lambda p: (p.line or 0, p.path))
+    return data, sorted(unique.values(), key=lambda p: (p.line or 0, p.path))
+
+
+def validate_document(src: Located) -> list[Problem]:
+    """Every problem of a farm document (empty when it is valid)."""
+    return _check(src)[1]
 
 
 def resolve_inventory(inventory: str | Path) -> Path:
@@ -541,21 +818,36 @@ def load_farm(inventory: str | Path) -> Farm:
     """Load and validate; raises :class:`ValidationFailed` listing every problem."""
     inventory_dir = resolve_inventory(inventory)
     farm_file = inventory_dir / FARM_FILE
-    if not farm_file.exists():
+    if not farm_file.is_file():
+        where = ("no such directory" if not inventory_dir.is_dir()
+                 else f"no {FARM_FILE} in this directory")
         raise ValidationFailed([Problem(
             str(farm_file), "",
-            "no farm.yml here; point -i at an inventory directory such as inventories/lab")])
-    src = load_located(farm_file, str(farm_file))
-    if not isinstance(src.data, dict):
-        raise ValidationFailed([src.problem((), "expected a mapping with farm, academie, ...")])
-    problems = validate_document(src)
+            f"{where}; point -i at an inventory directory such as inventories/lab")])
+    src = load_located(farm_file, str(farm_file), strict=False)
+    data, problems = _check(src)
     if problems:
         raise ValidationFailed(problems)
-    return Farm(FarmSpec.model_validate(src.data), inventory_dir)
+    return Farm(FarmSpec.model_validate(data), inventory_dir)
 
 
 def json_schema() -> dict[str, Any]:
+    """JSON Schema of farm.yml, for editors (yaml-language-server) and other tools."""
     schema = FarmSpec.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://entfarm.invalid/schema/farm.schema.json"
     schema["title"] = "entfarm farm.yml"
+    # Editors complete and check service names against the catalogue, as validation does.
+    schema["properties"]["services"]["propertyNames"] = {"enum": list(SERVICE_CATALOGUE)}
     return schema
+
+
+def schema_text() -> str:
+    """The committed schema/farm.schema.json, byte for byte (same as `entfarm schema`)."""
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--schema"]:
+        sys.exit("usage: python -m entfarm.model --schema > schema/farm.schema.json")
+    sys.stdout.write(schema_text())

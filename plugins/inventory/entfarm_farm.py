@@ -6,16 +6,6 @@ works as is, from the command line as from AWX (inventory source "Sourced from a
 
 from __future__ import annotations
 
-DOCUMENTATION = r"""
-name: entfarm_farm
-short_description: entfarm farm description (farm.yml) as an inventory
-description:
-  - Reads an entfarm C(farm.yml), validates it and builds one group per service, per
-    département (C(departement_<code>)) and per wave (C(wave_<id>)), with the model as variables.
-  - The file is recognised by its name (C(farm.yml) or C(farm.yaml)); no C(plugin:) key is needed.
-options: {}
-"""
-
 import os
 import sys
 
@@ -32,12 +22,23 @@ except ImportError:  # running from a checkout (AWX project) without entfarm ins
     from entfarm.inventory import farm_vars, groups, host_vars
     from entfarm.model import load_farm
 
+DOCUMENTATION = r"""
+name: entfarm_farm
+short_description: entfarm farm description (farm.yml) as an inventory
+description:
+  - Reads an entfarm C(farm.yml), validates it and builds one group per service, per
+    département (C(departement_<code>)) and per wave (C(wave_<id>)), with the model as variables.
+  - The file is recognised by its name, C(farm.yml); no C(plugin:) key is needed.
+  - An invalid C(farm.yml) fails with every problem, each with its file, line and YAML path.
+options: {}
+"""
+
 
 class InventoryModule(BaseInventoryPlugin):
     NAME = "entfarm_farm"
 
     def verify_file(self, path):
-        return super().verify_file(path) and os.path.basename(path) in ("farm.yml", "farm.yaml")
+        return super().verify_file(path) and os.path.basename(path) == "farm.yml"
 
     def parse(self, inventory, loader, path, cache=True):
         super().parse(inventory, loader, path, cache)
