@@ -1,0 +1,167 @@
+"""The lab on a real Docker Engine: every host boots systemd, `up` is idempotent.
+
+The lab is left up at the end: the deploy tests that run after these reuse it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+import pytest
+
+from entfarm import lab
+from entfarm.model import Farm, load_farm
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def farm() -> Farm:
+    return load_farm(ROOT / "inventories" / "lab")
+
+
+@pytest.fixture(scope="module")
+def client() -> Any:
+    return lab.docker_client()
+
+
+@pytest.fixture(scope="module")
+def first_up(farm: Farm) -> list[lab.HostState]:
+    lines: list[str] = []
+    states = lab.up(farm, progress=lines.append)
+    assert any(line.startswith("base image: ") for line in lines)
+    return states
+
+
+def run(client: Any, farm: Farm, host: str, *command: str) -> tuple[int, str]:
+    result = client.containers.get(farm.container_name(host)).exec_run(list(command))
+    return result.exit_code, result.output.decode().strip()
+
+
+def by_host(states: list[lab.HostState]) -> dict[str, lab.HostState]:
+    return {s.host: s for s in states}
+
+
+def test_up_runs_every_host_with_systemd(
+    first_up: list[lab.HostState], farm: Farm, client: Any
+) -> None:
+    states = by_host(first_up)
+    assert set(states) >= {h.name for h in farm.hosts()}
+    assert len(farm.hosts()) == 8
+    for host in farm.hosts():
+        state = states[host.name]
+        assert state.state == "running", state
+        assert state.container == farm.container_name(host.name)
+        assert state.ip, state
+        _, systemd = run(client, farm, host.name, "systemctl", "is-system-running")
+        assert systemd in ("running", "degraded"), (host.name, systemd)
+        _, pid1 = run(client, farm, host.name, "cat", "/proc/1/comm")
+        assert pid1 == "systemd"
+
+
+def test_second_up_changes_nothing(first_up: list[lab.HostState], farm: Farm) -> None:
+    again = lab.up(farm)
+    assert {s.host: s.action for s in again} == {h.name: "unchanged" for h in farm.hosts()}
+    assert {s.host: s.ip for s in again} == {s.host: s.ip for s in first_up if s.ip}
+
+
+def test_only_the_edge_is_published_on_loopback(
+    first_up: list[lab.HostState], farm: Farm, client: Any
+) -> None:
+    https, http = farm.lab.publish.https, farm.lab.publish.http
+    for host in farm.hosts():
+        container = client.containers.get(farm.container_name(host.name))
+        bindings = container.attrs["HostConfig"]["PortBindings"] or {}
+        if host.name == "edge":
+            assert bindings == {
+                "443/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(https)}],
+                "80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(http)}],
+            }
+            assert by_host(first_up)["edge"].published == {
+                f"127.0.0.1:{https}": "443/tcp", f"127.0.0.1:{http}": "80/tcp",
+            }
+        else:
+            assert bindings == {}, host.name
+            assert by_host(first_up)[host.name].published == {}
+
+
+def test_hosts_resolve_each_other_by_name(
+    first_up: list[lab.HostState], farm: Farm, client: Any
+) -> None:
+    states = by_host(first_up)
+    for source, target in (("edge", "idp"), ("idp", "data"), ("se-0360005k", "portal-2")):
+        code, out = run(client, farm, source, "getent", "hosts", target)
+        assert code == 0, (source, target, out)
+        assert out.split()[0] == states[target].ip
+
+
+def test_each_host_has_its_own_machine_id_and_the_controllers_mirror(
+    first_up: list[lab.HostState], farm: Farm, client: Any
+) -> None:
+    ids = {run(client, farm, h.name, "cat", "/etc/machine-id")[1] for h in farm.hosts()}
+    assert len(ids) == len(farm.hosts()) and "" not in ids
+    _, sources = run(client, farm, "data", "cat", "/etc/apt/sources.list.d/debian.sources")
+    assert f"URIs: {lab.find_mirror().main}\n" in sources + "\n"
+    assert run(client, farm, "data", "test", "-e", "/etc/apt/sources.list")[0] != 0
+
+
+def test_base_image_is_cached(first_up: list[lab.HostState], client: Any) -> None:
+    lines: list[str] = []
+    assert lab.ensure_base_image(client, lines.append) == lab.image_tag()
+    assert lines == [f"base image: cached ({lab.image_tag()})"]
+
+
+def test_status_reports_every_host(first_up: list[lab.HostState], farm: Farm) -> None:
+    states = lab.status(farm)
+    assert [s.host for s in states] == [h.name for h in farm.hosts()]
+    assert all(s.state == "running" and s.action == "" for s in states)
+    assert {s.host: s.ip for s in states} == {s.host: s.ip for s in first_up}
+
+
+def test_a_stopped_host_is_started(first_up: list[lab.HostState], farm: Farm, client: Any) -> None:
+    client.containers.get(farm.container_name("portal-1")).stop(timeout=20)
+    assert by_host(lab.status(farm))["portal-1"].state == "exited"
+    actions = {s.host: s.action for s in lab.up(farm)}
+    assert actions["portal-1"] == "started"
+    assert {a for h, a in actions.items() if h != "portal-1"} == {"unchanged"}
+    _, systemd = run(client, farm, "portal-1", "systemctl", "is-system-running")
+    assert systemd in ("running", "degraded")
+
+
+@pytest.fixture()
+def stale_portal(farm: Farm, client: Any) -> Iterator[None]:
+    """portal-2 as if made from an older base image."""
+    host = next(h for h in farm.hosts() if h.name == "portal-2")
+    client.containers.get(farm.container_name("portal-2")).remove(force=True)
+    spec = lab.container_spec(farm, host, lab.image_tag())
+    spec["labels"]["entfarm.image"] = "entfarm/debian-base:12-000000000000"
+    client.containers.create(**spec).start()
+    yield
+
+
+def test_a_host_from_another_image_is_recreated(
+    first_up: list[lab.HostState], farm: Farm, client: Any, stale_portal: None
+) -> None:
+    actions = {s.host: s.action for s in lab.up(farm)}
+    assert actions["portal-2"] == "recreated"
+    container = client.containers.get(farm.container_name("portal-2"))
+    assert container.labels["entfarm.image"] == lab.image_tag()
+
+
+def test_a_host_gone_from_the_farm_is_removed(
+    first_up: list[lab.HostState], farm: Farm, client: Any
+) -> None:
+    ghost = client.containers.create(
+        lab.image_tag(), name=farm.container_name("ghost"), command=["sleep", "60"],
+        labels={"entfarm.farm": farm.name, "entfarm.host": "ghost"},
+    )
+    states = lab.up(farm)
+    assert by_host(states)["ghost"].action == "removed"
+    assert {s.action for s in states if s.host != "ghost"} == {"unchanged"}
+    with pytest.raises(docker.errors.NotFound):
+        client.containers.get(ghost.id)
