@@ -259,3 +259,18 @@ def test_cli_validate_syntax_error_without_traceback(lab_copy: FarmCopy) -> None
 def test_cli_validate_accepts_the_lab(lab_copy: FarmCopy) -> None:
     result = _validate(lab_copy.dir)
     assert result.returncode == 0, result.stderr
+
+
+@needs_cli
+@pytest.mark.xfail(
+    reason="entfarm/cli.py prints problems through rich with emoji on: ':100:' becomes an emoji; "
+    "needs err_console.print(..., markup=False, emoji=False)",
+    strict=False,
+)
+def test_cli_prints_problems_verbatim(lab_copy: FarmCopy) -> None:
+    # A problem on line 100 of the lab farm, whose message has brackets.
+    lab_copy.replace("hosts: [portal-1, portal-2]", "hosts: [portal-1, portal-3]")
+    (problem,) = lab_copy.problems()
+    assert problem.line == 100
+    result = _validate(lab_copy.dir)
+    assert problem.render() in result.stderr
