@@ -59,6 +59,8 @@ def farm_vars(farm: Farm) -> dict[str, Any]:
             "mirror": spec.artifacts.mirror,
             "sources": {k: v.model_dump() for k, v in spec.artifacts.sources.items()},
         },
+        # Port users reach HTTPS on: 443, or the lab's published port on 127.0.0.1.
+        "entfarm_public_https_port": farm.lab.publish.https if farm.kind == "lab" else 443,
         "entfarm_inventory_dir": str(farm.inventory_dir.resolve()),
         "entfarm_secrets_dir": str(farm.secrets_dir.resolve()),
         "entfarm_state_dir": str(farm.state_dir.resolve()),

@@ -133,12 +133,6 @@ def test_plugin_fails_with_the_located_message(lab_copy: FarmCopy) -> None:
     assert f"{lab_copy.file}:{line}: etablissements[1].uai: '0360010A'" in result.stderr
 
 
-@pytest.mark.xfail(
-    reason="ansible.cfg lets the 'yaml' inventory plugin read farm.yml after entfarm_farm "
-    "fails (exit 0, bogus groups); needs [inventory] unparsed_is_failed = true and 'yaml' "
-    "removed from enable_plugins",
-    strict=False,
-)
 def test_invalid_farm_fails_ansible_inventory_with_project_config(lab_copy: FarmCopy) -> None:
     _broken(lab_copy)
     result = ansible_inventory("-i", str(lab_copy.file), "--graph")

@@ -262,11 +262,6 @@ def test_cli_validate_accepts_the_lab(lab_copy: FarmCopy) -> None:
 
 
 @needs_cli
-@pytest.mark.xfail(
-    reason="entfarm/cli.py prints problems through rich with emoji on: ':100:' becomes an emoji; "
-    "needs err_console.print(..., markup=False, emoji=False)",
-    strict=False,
-)
 def test_cli_prints_problems_verbatim(lab_copy: FarmCopy) -> None:
     # A problem on line 100 of the lab farm, whose message has brackets.
     lab_copy.replace("hosts: [portal-1, portal-2]", "hosts: [portal-1, portal-3]")

@@ -1,0 +1,315 @@
+"""The ``entfarm`` command: parses, calls the package, renders. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+from .model import Farm, load_farm
+
+console = Console(highlight=False, soft_wrap=True, emoji=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+
+
+def _default_inventory() -> str:
+    env = os.environ.get("ENTFARM_INVENTORY")
+    if env:
+        return env
+    from .runner import project_root
+
+    try:
+        return str(project_root() / "inventories" / "lab")
+    except UserError:
+        return "inventories/lab"
+
+
+inventory_option = click.option(
+    "-i", "--inventory", "inventory", metavar="INVENTORY", default=None,
+    help="Inventory directory holding farm.yml (default: the lab, inventories/lab).",
+)
+
+
+def _farm(inventory: str | None) -> Farm:
+    return load_farm(inventory or _default_inventory())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="entfarm")
+def cli() -> None:
+    """entfarm: deploy and operate a mutualised ENT farm."""
+
+
+# -- validate / inventory / schema -----------------------------------------------------------
+
+
+@cli.command()
+@inventory_option
+def validate(inventory: str | None) -> None:
+    """Check farm.yml; report every problem at once (exit 2 when there is one)."""
+    farm = _farm(inventory)
+    spec = farm.spec
+    console.print(
+        f"[green]ok[/green] {farm.file}: académie {spec.academie.name}, "
+        f"{len(spec.departements)} département(s), {len(spec.etablissements)} établissement(s) "
+        f"in {len(spec.waves)} wave(s), {len(farm.hosts())} host(s)"
+    )
+
+
+@cli.command()
+@inventory_option
+@click.option("--list", "as_list", is_flag=True, help="The whole inventory as JSON (default).")
+@click.option("--host", "host", default=None, help="One host's variables as JSON.")
+def inventory(inventory: str | None, as_list: bool, host: str | None) -> None:
+    """Print the Ansible inventory derived from farm.yml (static export)."""
+    from .inventory import as_json_inventory
+
+    data = as_json_inventory(_farm(inventory))
+    if host is not None:
+        hostvars = data["_meta"]["hostvars"]
+        if host not in hostvars:
+            raise UserError(f"no host {host!r} in this farm; hosts: {', '.join(hostvars)}")
+        data = hostvars[host]
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of farm.yml (for editors)."""
+    from .model import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+
+
+# -- lab ----------------------------------------------------------------------------------------
+
+
+@cli.group()
+def lab() -> None:
+    """The local lab: every farm host as a systemd container (Docker)."""
+
+
+def _render_lab(states: list[Any]) -> None:
+    table = Table(title="lab hosts", show_edge=False)
+    for column in ("host", "container", "state", "action", "address", "published"):
+        table.add_column(column)
+    for s in states:
+        published = ", ".join(f"{k}->{v}" for k, v in (s.published or {}).items())
+        table.add_row(s.host, s.container, s.state, s.action or "", s.ip or "", published)
+    console.print(table)
+
+
+def _lab_progress(line: str) -> None:
+    console.print(f"[dim]lab[/dim] {line}")
+
+
+@lab.command("up")
+@inventory_option
+def lab_up(inventory: str | None) -> None:
+    """Build the base image if needed and start every host (idempotent)."""
+    from . import lab as lab_mod
+
+    states = lab_mod.up(_lab_farm(inventory), progress=_lab_progress)
+    _render_lab(states)
+    changed = [s for s in states if s.action not in ("unchanged", "")]
+    console.print(f"{len(changed)} host(s) changed, {len(states) - len(changed)} unchanged")
+
+
+@lab.command("down")
+@inventory_option
+def lab_down(inventory: str | None) -> None:
+    """Remove the lab's containers and network (the base image is kept)."""
+    from . import lab as lab_mod
+
+    lab_mod.down(_lab_farm(inventory), progress=_lab_progress)
+
+
+@lab.command("reset")
+@inventory_option
+def lab_reset(inventory: str | None) -> None:
+    """Recreate every host from the base image: a fresh lab."""
+    from . import lab as lab_mod
+
+    _render_lab(lab_mod.reset(_lab_farm(inventory), progress=_lab_progress))
+
+
+@lab.command("status")
+@inventory_option
+def lab_status(inventory: str | None) -> None:
+    """Show each lab host's container, state, address and published ports."""
+    from . import lab as lab_mod
+
+    _render_lab(lab_mod.status(_lab_farm(inventory)))
+
+
+def _lab_farm(inventory: str | None) -> Farm:
+    farm = _farm(inventory)
+    if farm.kind != "lab":
+        raise UserError(f"{farm.file}: farm.kind is {farm.kind!r}; `entfarm lab` needs a lab farm")
+    return farm
+
+
+# -- deploy -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@inventory_option
+@click.option("--limit", "-l", default=None, help="Ansible host pattern, e.g. wave_1 or edge.")
+@click.option("--tags", "-t", default=None, help="Only these tags, e.g. proxy or common:ssh.")
+@click.option("--skip-tags", default=None, help="Skip these tags.")
+@click.option("--check", "-C", is_flag=True, help="Dry run: report what would change.")
+@click.option("--diff", "-D", is_flag=True, help="Show the differences in changed files.")
+@click.option("--playbook", default="playbooks/site.yml", show_default=True)
+@click.option("-v", "--verbose", count=True, help="Ansible verbosity (-v … -vvvv).")
+def deploy(inventory: str | None, limit: str | None, tags: str | None, skip_tags: str | None,
+           check: bool, diff: bool, playbook: str, verbose: int) -> None:
+    """Converge the farm: run playbooks/site.yml through ansible-runner."""
+    from . import runner
+
+    farm = _farm(inventory)
+    if farm.kind == "lab":
+        _require_lab_up(farm)
+    renderer = _DeployRenderer(diff=diff)
+    mode = " (check mode)" if check else ""
+    console.print(f"deploy {playbook} on farm {farm.name}{mode}; run directory follows")
+    result = runner.run_playbook(
+        farm, playbook, limit=limit, tags=tags, skip_tags=skip_tags, check=check, diff=diff,
+        verbosity=verbose, on_event=renderer,
+    )
+    renderer.close()
+    _render_summary(result)
+    sys.exit(result.exit_code)
+
+
+def _require_lab_up(farm: Farm) -> None:
+    from . import lab as lab_mod
+
+    down = [s.host for s in lab_mod.status(farm) if s.state != "running"]
+    if down:
+        raise UserError(
+            f"lab host(s) not running: {', '.join(down)}; run `entfarm lab up` first"
+        )
+
+
+class _DeployRenderer:
+    """Live progress: play, task, hosts N of M. One line per task when not on a terminal."""
+
+    def __init__(self, diff: bool) -> None:
+        self.diff = diff
+        self.live = console.is_terminal
+        self.status: Any = None
+        self.last_task = ""
+        if self.live:
+            self.status = console.status("starting…")
+            self.status.start()
+
+    def __call__(self, kind: str, progress: Any, data: dict[str, Any]) -> None:
+        if kind == "playbook_on_play_start":
+            self._print(f"[bold]PLAY {progress.play_index}[/bold] {progress.play}")
+        elif kind == "playbook_on_task_start":
+            self.last_task = progress.task
+        elif kind in ("runner_on_failed", "runner_on_unreachable"):
+            if data.get("ignore_errors"):
+                return
+            res = data.get("res", {}) or {}
+            msg = res.get("msg") or res.get("stderr") or ""
+            if res.get("censored"):
+                msg = "(output hidden: no_log)"
+            what = "UNREACHABLE" if kind == "runner_on_unreachable" else "FAILED"
+            self._print(f"[red]{what}[/red] {data.get('host')} | {progress.task}: {msg}")
+        elif kind == "runner_on_ok" and self.diff and data.get("res", {}).get("diff"):
+            self._print_diff(data)
+        if kind in ("runner_on_ok", "runner_on_failed", "runner_on_skipped",
+                    "runner_on_unreachable"):
+            line = (f"play {progress.play_index} · task {progress.task_index}: {progress.task} · "
+                    f"host {len(progress.hosts_done)} of {len(progress.hosts_started)}"
+                    f"{' · changed ' + str(progress.changed) if progress.changed else ''}")
+            if self.live:
+                self.status.update(line)
+            elif len(progress.hosts_done) == len(progress.hosts_started):
+                console.print(line)
+
+    def _print_diff(self, data: dict[str, Any]) -> None:
+        diffs = data["res"]["diff"]
+        for d in diffs if isinstance(diffs, list) else [diffs]:
+            if not isinstance(d, dict):
+                continue
+            if "prepared" in d:
+                self._print(d["prepared"])
+                continue
+            before, after = d.get("before"), d.get("after")
+            if isinstance(before, str) and isinstance(after, str) and before != after:
+                import difflib
+
+                header = d.get("after_header") or d.get("before_header") or ""
+                lines = difflib.unified_diff(
+                    before.splitlines(), after.splitlines(),
+                    f"{data.get('host')}: {header} (before)", f"{header} (after)", lineterm="")
+                self._print("\n".join(lines))
+
+    def _print(self, text: str) -> None:
+        console.print(text, markup=not text.startswith(("---", "+++", "@@")))
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
+def _render_summary(result: Any) -> None:
+    table = Table(title=f"{result.playbook}: {result.status} in {result.duration:.0f} s",
+                  show_edge=False)
+    table.add_column("host")
+    for key in ("ok", "changed", "failed", "unreachable", "skipped"):
+        table.add_column(key, justify="right")
+    for host, s in result.hosts.items():
+        style = "red" if s.failed or s.unreachable else ("yellow" if s.changed else "green")
+        table.add_row(f"[{style}]{host}[/{style}]", str(s.ok), str(s.changed), str(s.failed),
+                      str(s.unreachable), str(s.skipped))
+    console.print(table)
+    for failure in result.failures:
+        console.print(f"[red]{failure['kind']}[/red] {failure['host']} | {failure['task']}: "
+                      f"{failure['message']}", markup=False)
+    console.print(f"run directory: {result.run_dir}")
+
+
+# -- verify -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@inventory_option
+@click.option("--limit", "-l", default="all", show_default=True, help="Ansible host pattern.")
+@click.argument("roles", nargs=-1)
+def verify(inventory: str | None, limit: str, roles: tuple[str, ...]) -> None:
+    """Run the roles' read-only verify suites (testinfra) against the farm's hosts."""
+    from .verify import run_verify
+
+    farm = _farm(inventory)
+    sys.exit(run_verify(farm, list(roles), limit))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except UserError as exc:  # ValidationFailed included: every problem, one per line
+        err_console.print("[red]error:[/red]", end=" ")
+        err_console.print(str(exc), markup=False)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,75 @@
+# shellcheck shell=bash
+# Shared set-up for the README's two commands: everything a fresh Debian 12 machine (as root)
+# needs, installed by the project itself. Sourced, not run.
+set -euo pipefail
+
+ENTFARM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="$ENTFARM_ROOT/.venv"
+export PATH="$VENV/bin:$PATH"
+export ANSIBLE_CONFIG="$ENTFARM_ROOT/ansible.cfg"
+
+log() { printf '\033[1m[entfarm set-up]\033[0m %s\n' "$*" >&2; }
+
+_apt_updated=0
+apt_install() {
+  # Install the Debian packages given, updating the package lists once per run.
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    log "needs root to install: ${missing[*]}"; exit 2
+  fi
+  if [ "$_apt_updated" -eq 0 ]; then
+    log "apt-get update"; apt-get update -q >/dev/null; _apt_updated=1
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_python_env() {
+  # The virtualenv with entfarm and its pinned dependencies; reinstalled when pyproject changes.
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    apt_install python3-venv
+  fi
+  apt_install debootstrap openssl git ca-certificates
+  local stamp="$VENV/.entfarm-installed"
+  local want
+  want="$(sha256sum "$ENTFARM_ROOT/pyproject.toml" | cut -d' ' -f1)"
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating the virtualenv $VENV"
+    python3 -m venv "$VENV"
+  fi
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "installing entfarm and its pinned dependencies (a few minutes the first time)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ENTFARM_ROOT[dev]"
+    echo "$want" > "$stamp"
+  fi
+}
+
+docker_answers() { docker info >/dev/null 2>&1; }
+
+ensure_docker() {
+  # A Docker Engine must answer; install Debian's docker.io and start dockerd when none does.
+  if command -v docker >/dev/null 2>&1 && docker_answers; then return 0; fi
+  if ! command -v dockerd >/dev/null 2>&1; then
+    apt_install docker.io
+  fi
+  command -v docker >/dev/null 2>&1 || apt_install docker.io
+  if docker_answers; then return 0; fi
+  log "starting dockerd"
+  if [ "$(ps -p 1 -o comm= 2>/dev/null)" = "systemd" ]; then
+    systemctl start docker || true
+  fi
+  if ! docker_answers; then
+    nohup dockerd >/var/log/entfarm-dockerd.log 2>&1 &
+  fi
+  for _ in $(seq 1 60); do
+    docker_answers && return 0
+    sleep 1
+  done
+  log "dockerd did not answer within 60 s; see /var/log/entfarm-dockerd.log"
+  exit 2
+}
