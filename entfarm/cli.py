@@ -293,6 +293,97 @@ def verify(inventory: str | None, limit: str, roles: tuple[str, ...]) -> None:
     sys.exit(run_verify(farm, list(roles), limit))
 
 
+# -- aaf ------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def aaf() -> None:
+    """AAF feeds: check an export, import it into the directory, generate synthetic ones."""
+
+
+def _aaf_progress(line: str) -> None:
+    err_console.print(f"[dim]aaf[/dim] {line}", markup=True)
+
+
+@aaf.command("check")
+@click.argument("path", type=click.Path(path_type=str))
+def aaf_check(path: str) -> None:
+    """Validate an export directory offline: counts, and every problem (exit 2 if blocking)."""
+    from pathlib import Path
+
+    from .aaf.export import load
+
+    export = load(Path(path), progress=_aaf_progress)
+    _render_export(export)
+    blocking = export.blocking
+    if blocking:
+        raise UserError(f"{len(blocking)} blocking problem(s) in {path}; nothing to import")
+    console.print(f"[green]ok[/green] {path}: {len(export.persons)} person(s), "
+                  f"{len(export.structures)} structure(s), {len(export.files)} file(s) applied")
+
+
+def _render_export(export: Any) -> None:
+    for f in export.files:
+        console.print(f"applied  {f.path.name}", markup=False)
+    for f in export.ignored_files:
+        console.print(f"ignored  {f.path.name} (older than the latest Complet)", markup=False)
+    records = Table(title="records", show_edge=False)
+    records.add_column("category · request")
+    records.add_column("count", justify="right")
+    for key, count in sorted(export.records.items()):
+        records.add_row(key, str(count))
+    console.print(records)
+    per_uai = Table(title="persons per UAI", show_edge=False)
+    for column in ("UAI", "structure", "Eleve", "PersRelEleve", "PersEducNat"):
+        per_uai.add_column(column)
+    names = {v.get("ENTStructureUAI", ["?"])[0]: v.get("ENTStructureNomCourant", [""])[0]
+             for v in export.structures.values()}
+    for uai, counts in sorted(export.counts_per_uai().items()):
+        per_uai.add_row(uai, names.get(uai, ""), str(counts["Eleve"]),
+                        str(counts["PersRelEleve"]), str(counts["PersEducNat"]))
+    console.print(per_uai)
+    for problem in export.problems:
+        style = "red" if problem.blocking else "yellow"
+        console.print(f"[{style}]problem[/{style}] ", end="")
+        console.print(problem.render(), markup=False)
+
+
+@aaf.command("generate")
+@click.argument("out", type=click.Path(path_type=str))
+@inventory_option
+@click.option("--date", default=None, help="Export date AAAAMMJJ (default: today; a Delta: "
+              "the day after the previous export).")
+@click.option("--eleves-per-college", default=500, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--delta-from", "delta_from", default=None, type=click.Path(path_type=str),
+              help="Write a Delta (departures, arrivals, moves, renames) on top of this export.")
+@click.option("--delta-share", default=0.01, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of the persons a Delta changes.")
+def aaf_generate(out: str, inventory: str | None, date: str | None, eleves_per_college: int,
+                 seed: int, delta_from: str | None, delta_share: float) -> None:
+    """Write a synthetic export (ISO-8859-15) for the farm's établissements."""
+    import datetime as dt
+    import re
+    from pathlib import Path
+
+    from .aaf import generate as gen
+
+    if date is not None and not re.fullmatch(r"[0-9]{8}", date):
+        raise UserError(f"--date {date!r}: expected AAAAMMJJ, e.g. 20250901")
+    farm = _farm(inventory)
+    if delta_from:
+        result = gen.generate_delta(Path(delta_from), Path(out), date=date, seed=seed,
+                                    share=delta_share, prefix=farm.spec.academie.code)
+    else:
+        etabs = [(e.uai, e.name, e.departement) for e in farm.spec.etablissements]
+        result = gen.generate(etabs, Path(out), date=date or dt.date.today().strftime("%Y%m%d"),
+                              seed=seed, eleves_per_college=eleves_per_college,
+                              prefix=farm.spec.academie.code, progress=_aaf_progress)
+    for path in result.files:
+        console.print(f"wrote {path}", markup=False)
+    console.print(", ".join(f"{c}: {n}" for c, n in result.counts.items()) + " record(s)")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

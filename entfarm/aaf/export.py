@@ -1,0 +1,345 @@
+"""Streaming reader of AAF exports (``ficAlimMENESR`` files) and their offline checks.
+
+An export directory holds numbered files per category and per batch:
+``ENT_<…>_{Complet|Delta}_<AAAAMMJJ>_<category>_NNNN.xml``. The latest Complet is applied, then
+every later Delta in date order; within a batch structures come first whatever the file order,
+because people's ``$``-composite values are keyed by the AAF structure id.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..uai import uai_problem
+
+FILE_RE = re.compile(
+    r"^ENT_(?P<prefix>.*)_(?P<kind>Complet|Delta)_(?P<date>[0-9]{8})_(?P<category>[A-Za-z]+)"
+    r"_(?P<number>[0-9]{4})\.xml$"
+)
+STRUCTURE_CATEGORY = "EtabEducNat"
+PERSON_CATEGORIES = ("Eleve", "PersRelEleve", "PersEducNat")
+# Nomenclatures: read for well-formedness and counted, not provisioned.
+NOMENCLATURE_CATEGORIES = ("MatEducNat", "MefEducNat")
+KNOWN_CATEGORIES = (STRUCTURE_CATEGORY, *PERSON_CATEGORIES, *NOMENCLATURE_CATEGORIES)
+REQUESTS = ("addRequest", "modifyRequest", "deleteRequest")
+# Person attributes whose values are ``<structure id>$…``.
+COMPOSITE_ATTRIBUTES = (
+    "ENTEleveClasses", "ENTEleveGroupes", "ENTPersonFonctions", "ENTAuxEnsClasses",
+    "ENTAuxEnsGroupes", "ENTAuxEnsClassesMatieres", "ENTAuxEnsGroupesMatieres",
+    "ENTAuxEnsMatiereEnseignEtab",
+)
+STRUCTURE_ID_ATTRIBUTES = ("ENTPersonStructRattach",)
+
+Attrs = dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class AafProblem:
+    """One thing wrong in an export, located by file (and line) and record id."""
+
+    file: str
+    record: str | None
+    message: str
+    blocking: bool = True
+    line: int | None = None
+
+    def render(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        record = f" record {self.record}:" if self.record else ""
+        level = "" if self.blocking else " (warning)"
+        return f"{where}:{record}{level} {self.message}"
+
+
+@dataclass
+class ExportFile:
+    path: Path
+    kind: str  # Complet | Delta
+    date: str  # AAAAMMJJ
+    category: str
+    number: int
+
+
+@dataclass
+class Person:
+    id: str
+    category: str  # Eleve | PersRelEleve | PersEducNat
+    attrs: Attrs
+    file: str
+
+
+@dataclass
+class Export:
+    """The population an export describes once its batches are applied."""
+
+    directory: Path
+    structures: dict[str, Attrs] = field(default_factory=dict)
+    structure_files: dict[str, str] = field(default_factory=dict)
+    persons: dict[str, Person] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)  # removed by a Delta's deleteRequest
+    files: list[ExportFile] = field(default_factory=list)  # applied, in order
+    ignored_files: list[ExportFile] = field(default_factory=list)  # older than the Complet
+    problems: list[AafProblem] = field(default_factory=list)
+    records: Counter[str] = field(default_factory=Counter)  # "<category> <request>" -> count
+    nomenclature: Counter[str] = field(default_factory=Counter)
+    has_delta: bool = False
+
+    @property
+    def blocking(self) -> list[AafProblem]:
+        return [p for p in self.problems if p.blocking]
+
+    def uai_of(self, structure_id: str) -> str | None:
+        values = self.structures.get(structure_id, {}).get("ENTStructureUAI")
+        return values[0] if values else None
+
+    def structure_ids(self, person: Person) -> list[str]:
+        """Structures a person belongs to, main one first, in a stable order."""
+        ids: list[str] = []
+        for name in STRUCTURE_ID_ATTRIBUTES:
+            ids += person.attrs.get(name, [])
+        for name in COMPOSITE_ATTRIBUTES:
+            ids += [v.split("$", 1)[0] for v in person.attrs.get(name, [])]
+        return list(dict.fromkeys(i for i in ids if i))
+
+    def counts_per_uai(self) -> dict[str, Counter[str]]:
+        """UAI -> category -> number of persons attached (a person counts in each of its UAIs)."""
+        out: dict[str, Counter[str]] = {}
+        for sid in self.structures:
+            out.setdefault(self.uai_of(sid) or f"?{sid}", Counter())
+        parents: dict[str, set[str]] = {}
+        for person in self.persons.values():
+            uais = {self.uai_of(s) or f"?{s}" for s in self.structure_ids(person)}
+            for uai in uais:
+                out.setdefault(uai, Counter())[person.category] += 1
+            if person.category == "Eleve":
+                for link in person.attrs.get("ENTElevePersRelEleve", []):
+                    parents.setdefault(link.split("$", 1)[0], set()).update(uais)
+        for pid, uais in parents.items():
+            parent = self.persons.get(pid)
+            if parent is not None and parent.category == "PersRelEleve":
+                for uai in uais:
+                    out.setdefault(uai, Counter())["PersRelEleve"] += 1
+        return out
+
+
+def scan(directory: Path) -> tuple[list[ExportFile], list[AafProblem]]:
+    """The export's files and the names that do not fit the AAF naming."""
+    files: list[ExportFile] = []
+    problems: list[AafProblem] = []
+    if not directory.is_dir():
+        return [], [AafProblem(str(directory), None, "not a directory of AAF export files")]
+    for path in sorted(directory.iterdir()):
+        if path.suffix.lower() != ".xml":
+            continue
+        m = FILE_RE.match(path.name)
+        if not m:
+            problems.append(AafProblem(
+                str(path), None,
+                "file name does not follow ENT_<…>_{Complet|Delta}_<AAAAMMJJ>_<category>_NNNN.xml"))
+            continue
+        if m["category"] not in KNOWN_CATEGORIES:
+            problems.append(AafProblem(
+                str(path), None,
+                f"unknown category {m['category']!r}; known: {', '.join(KNOWN_CATEGORIES)}"))
+            continue
+        files.append(ExportFile(path, m["kind"], m["date"], m["category"], int(m["number"])))
+    if not files and not problems:
+        problems.append(AafProblem(str(directory), None, "no AAF export file (ENT_*.xml) here"))
+    return files, problems
+
+
+def plan(files: list[ExportFile]) -> tuple[list[ExportFile], list[ExportFile], list[AafProblem]]:
+    """Files to apply in order (latest Complet, then later Deltas by date), files ignored."""
+    completes = sorted({f.date for f in files if f.kind == "Complet"})
+    problems: list[AafProblem] = []
+    if not completes:
+        deltas = sorted({f.date for f in files if f.kind == "Delta"})
+        if deltas:
+            first = next(f for f in files if f.kind == "Delta" and f.date == deltas[0])
+            problems.append(AafProblem(
+                str(first.path), None,
+                f"Delta of {deltas[0]} without a preceding Complet export; a Delta only "
+                "applies on top of a Complet: add the latest Complet to this directory"))
+        return [], list(files), problems
+    base = completes[-1]
+    order = {STRUCTURE_CATEGORY: 0, "MatEducNat": 1, "MefEducNat": 1}
+
+    def key(f: ExportFile) -> tuple[str, int, int, str, int]:
+        return (f.date, 0 if f.kind == "Complet" else 1, order.get(f.category, 2), f.category,
+                f.number)
+
+    applied = sorted(
+        (f for f in files if (f.kind == "Complet" and f.date == base)
+         or (f.kind == "Delta" and f.date > base)), key=key)
+    ignored = [f for f in files if f not in applied]
+    return applied, ignored, problems
+
+
+def _values(attr: ET.Element) -> list[str]:
+    out = []
+    for v in attr.iterfind("value"):
+        text = (v.text or "").strip()
+        if text:
+            out.append(text)
+    return out
+
+
+def _attrs(element: ET.Element | None, item: str) -> Attrs:
+    out: Attrs = {}
+    if element is None:
+        return out
+    for attr in element.iterfind(item):
+        name = attr.get("name")
+        if name:
+            out.setdefault(name, []).extend(_values(attr))
+    return out
+
+
+Record = tuple[str, str | None, Attrs, Attrs]  # request, id, operational attrs, attributes
+
+
+def iter_records(path: Path) -> Iterator[Record]:
+    """Records of one file, streamed; raises ET.ParseError on malformed or truncated XML."""
+    context = ET.iterparse(str(path), events=("start", "end"))
+    root: ET.Element | None = None
+    for event, element in context:
+        if event == "start":
+            if root is None:
+                root = element
+                if element.tag != "ficAlimMENESR":
+                    raise ET.ParseError(
+                        f"root element is <{element.tag}>, expected <ficAlimMENESR>")
+            continue
+        if element.tag not in REQUESTS:
+            continue
+        rid = (element.findtext("identifier/id") or "").strip() or None
+        operational = _attrs(element.find("operationalAttributes"), "attr")
+        if element.tag == "modifyRequest":
+            attributes: Attrs = {}
+            for mod in element.iterfind("modifications/modification"):
+                name = mod.get("name")
+                if name:
+                    attributes.setdefault(name, []).extend(_values(mod))
+        else:
+            attributes = _attrs(element.find("attributes"), "attr")
+        yield element.tag, rid, operational, attributes
+        element.clear()
+        if root is not None:
+            root.clear()
+
+
+def load(directory: Path, progress: Callable[[str], None] | None = None) -> Export:
+    """Read and apply an export directory, collecting every problem (never raising on them)."""
+    files, problems = scan(directory)
+    applied, ignored, plan_problems = plan(files)
+    export = Export(directory=directory, files=applied, ignored_files=ignored,
+                    problems=problems + plan_problems)
+    for n, f in enumerate(applied, 1):
+        if progress:
+            progress(f"reading {f.path.name} ({n} of {len(applied)})")
+        _apply_file(export, f)
+    _check_references(export)
+    return export
+
+
+def _apply_file(export: Export, f: ExportFile) -> None:
+    name = str(f.path)
+    delta = f.kind == "Delta"
+    export.has_delta = export.has_delta or delta
+    seen = 0
+    try:
+        for request, rid, operational, attributes in iter_records(f.path):
+            seen += 1
+            op = request[: -len("Request")]
+            export.records[f"{f.category} {op}"] += 1
+            if rid is None:
+                export.problems.append(AafProblem(name, f"#{seen}", f"{request} without an id"))
+                continue
+            if f.category in NOMENCLATURE_CATEGORIES:
+                export.nomenclature[f.category] += 1
+            elif f.category == STRUCTURE_CATEGORY:
+                _apply_structure(export, name, op, rid, operational, attributes, delta)
+            else:
+                _apply_person(export, f, op, rid, operational, attributes, delta)
+    except ET.ParseError as exc:
+        line = getattr(exc, "position", (None, None))[0]
+        export.problems.append(AafProblem(
+            name, None, f"malformed or truncated XML after {seen} record(s): {exc}", line=line))
+    except OSError as exc:
+        export.problems.append(AafProblem(name, None, f"cannot read: {exc.strerror}"))
+
+
+def _apply_structure(export: Export, file: str, op: str, rid: str, operational: Attrs,
+                     attributes: Attrs, delta: bool) -> None:
+    if op == "add":
+        category = operational.get("categorieStructure", [])
+        if category and category[0] not in ("Etablissement", "EtabEducNat"):
+            export.problems.append(AafProblem(
+                file, rid, f"unknown categorieStructure {category[0]!r}; expected Etablissement"))
+            return
+        export.structures[rid] = attributes
+        export.structure_files[rid] = file
+    elif op == "modify":
+        if rid not in export.structures:
+            export.problems.append(AafProblem(file, rid, "modifyRequest for an unknown structure"))
+            return
+        export.structures[rid].update(attributes)
+    else:
+        export.problems.append(AafProblem(
+            file, rid, "deleteRequest for a structure: structures are never deleted by an "
+            "import (close the établissement in farm.yml instead); ignored", blocking=False))
+        return
+    uai = export.structures[rid].get("ENTStructureUAI", [None])[0]
+    problem = uai_problem(uai) if uai is not None else "no ENTStructureUAI"
+    if problem:
+        export.problems.append(AafProblem(file, rid, f"invalid UAI: {problem}"))
+
+
+def _apply_person(export: Export, f: ExportFile, op: str, rid: str, operational: Attrs,
+                  attributes: Attrs, delta: bool) -> None:
+    file = str(f.path)
+    if op == "add":
+        category = (operational.get("categoriePersonne") or [f.category])[0]
+        if category not in PERSON_CATEGORIES:
+            export.problems.append(AafProblem(
+                file, rid, f"unknown categoriePersonne {category!r}; known: "
+                f"{', '.join(PERSON_CATEGORIES)}"))
+            return
+        if category != f.category:
+            export.problems.append(AafProblem(
+                file, rid, f"categoriePersonne {category!r} in a {f.category} file"))
+            return
+        export.persons[rid] = Person(rid, category, attributes, file)
+        export.deleted.discard(rid)
+    elif op == "modify":
+        person = export.persons.get(rid)
+        if person is None:
+            export.problems.append(AafProblem(
+                file, rid, "modifyRequest for a person absent from the export; ignored",
+                blocking=False))
+            return
+        person.attrs.update(attributes)
+        person.file = file
+    else:
+        if export.persons.pop(rid, None) is None:
+            export.problems.append(AafProblem(
+                file, rid, "deleteRequest for a person absent from the export; ignored",
+                blocking=False))
+        export.deleted.add(rid)
+
+
+def _check_references(export: Export) -> None:
+    """Every structure id a person refers to must be an EtabEducNat structure of the export."""
+    for person in export.persons.values():
+        for name in (*STRUCTURE_ID_ATTRIBUTES, *COMPOSITE_ATTRIBUTES):
+            for value in person.attrs.get(name, []):
+                sid = value.split("$", 1)[0]
+                if sid not in export.structures:
+                    export.problems.append(AafProblem(
+                        person.file, person.id,
+                        f"{name} {value!r} refers to unknown structure id {sid!r} (no "
+                        "EtabEducNat record has this ENTStructureJointure/id)"))
