@@ -348,6 +348,53 @@ def _render_export(export: Any) -> None:
         console.print(problem.render(), markup=False)
 
 
+@aaf.command("import")
+@click.argument("path", type=click.Path(path_type=str))
+@inventory_option
+@click.option("--dry-run", is_flag=True, help="Print the change set; write nothing.")
+@click.option("--ldif", "show_ldif", is_flag=True, help="With --dry-run: print the LDIF too.")
+@click.option("--force", is_flag=True, help="Deactivate past the --max-deactivate share.")
+@click.option("--max-deactivate", default=0.10, show_default=True, type=click.FloatRange(0, 1),
+              help="Largest share of one UAI's active accounts an import may deactivate.")
+def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool, force: bool,
+               max_deactivate: float) -> None:
+    """Import an export into the directory (onboarded établissements only)."""
+    from pathlib import Path
+
+    from .aaf.importer import Directory, run_import
+    from .aaf.transport import for_farm
+
+    farm = _farm(inventory)
+    directory = Directory(for_farm(farm), farm.spec.academie.base_dn)
+    result = run_import(Path(path), farm, directory, dry_run=dry_run, force=force,
+                        max_deactivate=max_deactivate, progress=_aaf_progress)
+    cs = result.changes
+    table = Table(title="change set per UAI" + (" (dry run: nothing written)" if dry_run else ""),
+                  show_edge=False)
+    kinds = ("people add", "people modify", "people deactivate", "people reactivate",
+             "people purge", "groups add", "groups modify", "groups delete")
+    table.add_column("UAI")
+    for kind in kinds:
+        table.add_column(kind.replace("people ", ""), justify="right")
+    for uai, counts in sorted(cs.per_uai.items()):
+        if any(counts[k] for k in kinds):
+            table.add_row(uai, *(str(counts[k]) for k in kinds))
+    console.print(table)
+    console.print(", ".join(f"{k}: {n}" for k, n in sorted(cs.counts.items())) or "no change")
+    if cs.skipped:
+        console.print("skipped (not onboarded): " + ", ".join(
+            f"{uai}: {n}" for uai, n in sorted(cs.skipped.items())), markup=False)
+    if dry_run and show_ldif:
+        click.echo(cs.ldif, nl=False)
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+    console.print(f"{cs.changes} change(s) {'applied' if result.applied else 'computed'}; "
+                  f"{timings}")
+    for p in result.distribution:
+        console.print(f"distribution file (one-time codes, mode 0600): {p}", markup=False)
+    if result.run_record:
+        console.print(f"run record: {result.run_record}", markup=False)
+
+
 @aaf.command("generate")
 @click.argument("out", type=click.Path(path_type=str))
 @inventory_option

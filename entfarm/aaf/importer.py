@@ -1,0 +1,379 @@
+"""``entfarm aaf import``: desired state from an export, current state from the directory, one
+change set, refusals before any write, one ldapmodify for the whole change set.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..model import Farm
+from . import ldif
+from .export import Export, load
+from .mapping import (
+    AAF_GROUP,
+    GROUP_ATTRIBUTES,
+    PERSON_ATTRIBUTES,
+    STRUCTURE_ATTRIBUTES,
+    Desired,
+    allocate_logins,
+    desired_state,
+    group_memberships,
+    person_entry,
+)
+from .transport import Transport
+
+Progress = Callable[[str], None]
+CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+_UAI_IN_DN = re.compile(r"^ENTStructureUAI=([^,]+),", re.IGNORECASE)
+
+
+class ImportRefused(UserError):
+    """The import would be unsafe or its input is broken; the directory was not touched."""
+
+
+@dataclass
+class NewAccount:
+    uais: list[str]
+    login: str
+    nom: str
+    prenom: str
+    profil: str
+    classe: str
+    code: str
+
+
+@dataclass
+class ChangeSet:
+    ldif_parts: list[str] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+    per_uai: dict[str, Counter[str]] = field(default_factory=dict)
+    new_accounts: list[NewAccount] = field(default_factory=list)
+    logins: dict[str, str] = field(default_factory=dict)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def count(self, what: str, uai: str | None = None) -> None:
+        self.counts[what] += 1
+        if uai:
+            self.per_uai.setdefault(uai, Counter())[what] += 1
+
+    @property
+    def ldif(self) -> str:
+        return "".join(self.ldif_parts)
+
+    @property
+    def changes(self) -> int:
+        return len(self.ldif_parts)
+
+
+@dataclass
+class ImportResult:
+    changes: ChangeSet
+    applied: bool
+    run_record: Path | None
+    distribution: list[Path]
+    timings: dict[str, float]
+
+
+def _ssha(code: str, algorithm: str = "sha512") -> str:
+    salt = secrets.token_bytes(8)
+    digest = hashlib.new(algorithm, code.encode() + salt).digest()
+    label = "SSHA512" if algorithm == "sha512" else "SSHA"
+    return "{" + label + "}" + base64.b64encode(digest + salt).decode("ascii")
+
+
+def _code() -> str:
+    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(10))
+
+
+def _generalized(now: dt.datetime) -> str:
+    return now.astimezone(dt.UTC).strftime("%Y%m%d%H%M%SZ")
+
+
+def _months_before(now: dt.datetime, months: int) -> dt.datetime:
+    month = now.month - months
+    year = now.year + (month - 1) // 12
+    month = (month - 1) % 12 + 1
+    day = min(now.day, 28)
+    return now.replace(year=year, month=month, day=day)
+
+
+class Directory:
+    """Reads and writes the directory through a transport, with the OpenLDAP client tools."""
+
+    def __init__(self, transport: Transport, base_dn: str):
+        self.t = transport
+        self.base = base_dn
+
+    def _auth(self) -> list[str]:
+        return ["-Q", "-Y", "EXTERNAL", "-H", self.t.uri]
+
+    def search(self, base: str, filt: str, attrs: tuple[str, ...], scope: str = "one"
+               ) -> dict[str, ldif.Entry]:
+        out = self.t.run(["ldapsearch", "-LLL", *self._auth(), "-o", "ldif-wrap=no", "-z", "0",
+                          "-s", scope, "-b", base, filt, *attrs], ok=(0, 32))
+        return ldif.parse(out, attrs)
+
+    def dump(self) -> bytes:
+        """Everything under the base DN (tests compare dumps before and after)."""
+        return self.t.run(["ldapsearch", "-LLL", *self._auth(), "-o", "ldif-wrap=no",
+                           "-b", self.base, "(objectClass=*)", "*", "+"], ok=(0, 32))
+
+    def apply(self, text: str) -> None:
+        if text:
+            self.t.run(["ldapmodify", *self._auth()], stdin=text.encode("utf-8"))
+
+
+def _same(name: str, a: list[str], b: list[str]) -> bool:
+    if name.lower() == "objectclass":
+        return {v.lower() for v in a} - {"top"} == {v.lower() for v in b} - {"top"}
+    return set(a) == set(b)
+
+
+def _diff(current: ldif.Entry, desired: ldif.Entry, managed: tuple[str, ...]
+          ) -> dict[str, list[str]]:
+    return {n: desired.get(n, []) for n in managed
+            if not _same(n, current.get(n, []), desired.get(n, []))}
+
+
+def _uais_of(entry: ldif.Entry) -> list[str]:
+    out = []
+    for dn in entry.get("ENTPersonEtablissements", []) + entry.get("ENTPersonStructRattach", []):
+        m = _UAI_IN_DN.match(dn)
+        if m:
+            out.append(m.group(1))
+    return list(dict.fromkeys(out)) or ["?"]
+
+
+def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetime,
+            max_deactivate: float, force: bool, remembered: dict[str, str],
+            progress: Progress) -> ChangeSet:
+    """The change set; raises ImportRefused before anything is written."""
+    base = farm.spec.academie.base_dn
+    d: Desired = desired_state(export, farm)
+    cs = ChangeSet(skipped=d.skipped)
+    progress(f"reading the directory ({directory.t.describe()})")
+    tops = directory.search(base, "(objectClass=organizationalUnit)", ("ou",))
+    have_base = directory.search(base, "(objectClass=*)", ("dn",), scope="base")
+    if not have_base:
+        raise ImportRefused(f"the directory has no entry {base}: deploy the directory first "
+                            "(entfarm deploy --tags directory)")
+    for ou in ("people", "structures", "groups"):
+        dn = f"ou={ou},{base}"
+        if dn.lower() not in {k.lower() for k in tops}:
+            cs.ldif_parts.append(ldif.add(dn, {"objectClass": ["organizationalUnit"], "ou": [ou]}))
+            cs.count("containers add")
+    people = directory.search(f"ou=people,{base}", "(ENTPersonJointure=*)",
+                              (*PERSON_ATTRIBUTES, "uid"))
+    structures = directory.search(f"ou=structures,{base}", "(objectClass=ENTStructure)",
+                                  STRUCTURE_ATTRIBUTES)
+    groups = directory.search(f"ou=groups,{base}", "(objectClass=groupOfNames)",
+                              GROUP_ATTRIBUTES)
+    progress(f"directory: {len(people)} person(s), {len(structures)} structure(s), "
+             f"{len(groups)} group(s); export: {len(d.people)} person(s) to provision")
+
+    by_jointure = {e["ENTPersonJointure"][0]: (dn, e) for dn, e in people.items()
+                   if e.get("ENTPersonJointure")}
+    existing = {j: (e.get("ENTPersonLogin") or e.get("uid") or [""])[0]
+                for j, (_dn, e) in by_jointure.items()}
+    logins = allocate_logins(d, existing, remembered)
+    cs.logins = logins
+
+    # Refusal: too many deactivations in one établissement.
+    active: Counter[str] = Counter()
+    leaving: Counter[str] = Counter()
+    for j, (_dn, e) in by_jointure.items():
+        if (e.get("ENTPersonEtat") or ["ACTIF"])[0] == "DESACTIVE":
+            continue
+        for uai in _uais_of(e):
+            active[uai] += 1
+            if j not in d.people:
+                leaving[uai] += 1
+    if not force:
+        for uai, n in sorted(leaving.items()):
+            share = n / active[uai]
+            if share > max_deactivate:
+                raise ImportRefused(
+                    f"refusing to import: it would deactivate {n} of the {active[uai]} active "
+                    f"accounts of {uai} ({share:.1%}), more than the allowed "
+                    f"{max_deactivate:.0%}; check the export, then re-run with --force to "
+                    "deactivate them anyway (or raise --max-deactivate)")
+
+    for dn, entry in d.structures.items():
+        uai = entry["ENTStructureUAI"][0]
+        if dn not in structures:
+            cs.ldif_parts.append(ldif.add(dn, entry))
+            cs.count("structures add", uai)
+        else:
+            changes = _diff(structures[dn], entry, STRUCTURE_ATTRIBUTES)
+            if changes:
+                cs.ldif_parts.append(ldif.modify(dn, changes))
+                cs.count("structures modify", uai)
+
+    members: dict[str, list[str]] = {}
+    gen = _generalized(now)
+    for n, (jointure, p) in enumerate(sorted(d.people.items()), 1):
+        if n % 20000 == 0:
+            progress(f"comparing persons ({n} of {len(d.people)})")
+        entry = person_entry(d, p, logins)
+        dn = d.people_dn(logins[jointure])
+        uai = d.sid_uai[p.sids[0]]
+        for cn in group_memberships(d, p):
+            members.setdefault(cn, []).append(dn)
+        if jointure not in by_jointure:
+            code = _code()
+            entry["ENTPersonCodeActivation"] = [_ssha(code)]
+            entry["userPassword"] = [_ssha(code, "sha1")]
+            cs.ldif_parts.append(ldif.add(dn, entry))
+            cs.count("people add", uai)
+            classes = [v.split("$", 1)[1] for v in entry.get("ENTEleveClasses", [])]
+            cs.new_accounts.append(NewAccount(
+                [d.sid_uai[s] for s in p.sids], logins[jointure], entry["sn"][0],
+                (entry.get("givenName") or [""])[0], p.label, " ".join(classes), code))
+            continue
+        current_dn, current = by_jointure[jointure]
+        changes = _diff(current, entry, PERSON_ATTRIBUTES)
+        if changes:
+            cs.ldif_parts.append(ldif.modify(current_dn, changes))
+            was_off = (current.get("ENTPersonEtat") or [""])[0] == "DESACTIVE"
+            cs.count("people reactivate" if was_off else "people modify", uai)
+
+    purge_before = _generalized(_months_before(now, farm.spec.farm.retention_months))
+    purges: list[str] = []
+    for jointure, (dn, e) in sorted(by_jointure.items()):
+        if jointure in d.people:
+            continue
+        uai = _uais_of(e)[0]
+        if (e.get("ENTPersonEtat") or ["ACTIF"])[0] != "DESACTIVE":
+            cs.ldif_parts.append(ldif.modify(dn, {"ENTPersonEtat": ["DESACTIVE"],
+                                                  "ENTPersonDateDesactivation": [gen]}))
+            cs.count("people deactivate", uai)
+        elif (e.get("ENTPersonDateDesactivation") or [gen])[0] < purge_before:
+            purges.append(dn)
+            cs.count("people purge", uai)
+
+    for cn, dns in sorted(members.items()):
+        dn = d.group_dn(cn)
+        entry = {"objectClass": ["groupOfNames"], "cn": [cn], "member": list(dict.fromkeys(dns))}
+        if dn not in groups:
+            cs.ldif_parts.append(ldif.add(dn, entry))
+            cs.count("groups add", cn.split("$")[0])
+        else:
+            changes = _diff(groups[dn], entry, GROUP_ATTRIBUTES)
+            if changes:
+                cs.ldif_parts.append(ldif.modify(dn, changes))
+                cs.count("groups modify", cn.split("$")[0])
+    for dn, entry in sorted(groups.items()):
+        cn = (entry.get("cn") or [""])[0]
+        if AAF_GROUP.match(cn) and cn not in members:
+            cs.ldif_parts.append(ldif.delete(dn))
+            cs.count("groups delete", cn.split("$")[0])
+    cs.ldif_parts += [ldif.delete(dn) for dn in purges]
+    return cs
+
+
+def _read_logins(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_distribution(state: Path, accounts: list[NewAccount], stamp: str) -> list[Path]:
+    """One CSV per UAI of the new accounts with their one-time codes, readable by the owner only."""
+    per_uai: dict[str, list[NewAccount]] = {}
+    for a in accounts:
+        for uai in a.uais:
+            per_uai.setdefault(uai, []).append(a)
+    paths = []
+    for uai, rows in sorted(per_uai.items()):
+        buf = io.StringIO()
+        writer = csv.writer(buf, delimiter=";", lineterminator="\n")
+        writer.writerow(["login", "nom", "prenom", "profil", "classe", "code_activation"])
+        for a in sorted(rows, key=lambda r: (r.profil, r.classe, r.nom, r.prenom)):
+            writer.writerow([a.login, a.nom, a.prenom, a.profil, a.classe, a.code])
+        path = state / "aaf" / "distribution" / uai / f"comptes-{stamp}.csv"
+        _write_private(path, buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+def run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool = False,
+               force: bool = False, max_deactivate: float = 0.10,
+               now: dt.datetime | None = None, progress: Progress = lambda _line: None
+               ) -> ImportResult:
+    now = now or dt.datetime.now(dt.UTC)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    export = load(path, progress=progress)
+    timings["read"] = time.monotonic() - t0
+    if export.blocking:
+        shown = "\n".join(p.render() for p in export.blocking[:20])
+        more = len(export.blocking) - 20
+        raise ImportRefused(
+            f"refusing to import {path}: {len(export.blocking)} blocking problem(s) in the "
+            f"export; the directory was not touched:\n{shown}"
+            + (f"\n… and {more} more (entfarm aaf check {path})" if more > 0 else ""))
+    state = farm.state_dir
+    logins_file = state / "aaf" / "logins.json"
+    t1 = time.monotonic()
+    cs = compute(export, farm, directory, now=now, max_deactivate=max_deactivate, force=force,
+                 remembered=_read_logins(logins_file), progress=progress)
+    timings["compare"] = time.monotonic() - t1
+    if dry_run:
+        return ImportResult(cs, False, None, [], timings)
+    t2 = time.monotonic()
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    record: dict[str, Any] = {
+        "started": now.isoformat(), "export": str(path),
+        "files": [f.path.name for f in export.files], "counts": dict(cs.counts),
+        "per_uai": {u: dict(c) for u, c in cs.per_uai.items()}, "skipped": dict(cs.skipped),
+        "force": force, "max_deactivate": max_deactivate,
+    }
+    if cs.changes:
+        progress(f"applying {cs.changes} change(s) in one ldapmodify")
+        try:
+            directory.apply(cs.ldif)
+        except UserError as exc:
+            record["status"] = "failed"
+            record["error"] = str(exc)
+            _write_run(state, stamp, record)
+            raise
+    timings["apply"] = time.monotonic() - t2
+    known = _read_logins(logins_file)
+    known.update(cs.logins)
+    _write_private(logins_file, json.dumps(known, sort_keys=True, indent=0))
+    distribution = write_distribution(state, cs.new_accounts, stamp)
+    record.update(status="ok", timings=timings, distribution=[str(p) for p in distribution])
+    run = _write_run(state, stamp, record)
+    return ImportResult(cs, True, run, distribution, timings)
+
+
+def _write_run(state: Path, stamp: str, record: dict[str, Any]) -> Path:
+    path = state / "aaf" / "runs" / f"import-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path

@@ -1,0 +1,119 @@
+"""A real slapd for the AAF import tests: its own cn=config (slapadd -n0) with the project's SDET
+schema, an mdb database for dc=fr, an ldapi socket in a temporary directory, and SASL EXTERNAL
+as the current uid for rootdn. Each test gets a fresh base DN dc=tN,dc=fr under it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from entfarm.aaf.importer import Directory
+from entfarm.aaf.transport import LocalTransport
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA = REPO / "roles" / "directory" / "files" / "schema" / "entfarm-sdet.ldif"
+SLAPD = Path("/usr/sbin/slapd")
+_counter = itertools.count(1)
+
+
+def _config(root: Path, identity: str) -> str:
+    schemas = "".join(f"include: file:///etc/ldap/schema/{name}.ldif\n\n"
+                      for name in ("core", "cosine", "nis", "inetorgperson"))
+    return f"""dn: cn=config
+objectClass: olcGlobal
+cn: config
+olcPidFile: {root}/slapd.pid
+olcArgsFile: {root}/slapd.args
+
+dn: cn=module{{0}},cn=config
+objectClass: olcModuleList
+cn: module{{0}}
+olcModulePath: /usr/lib/ldap
+olcModuleLoad: back_mdb
+
+dn: cn=schema,cn=config
+objectClass: olcSchemaConfig
+cn: schema
+
+{schemas}include: file://{SCHEMA}
+
+dn: olcDatabase={{-1}}frontend,cn=config
+objectClass: olcDatabaseConfig
+objectClass: olcFrontendConfig
+olcDatabase: {{-1}}frontend
+olcSizeLimit: unlimited
+
+dn: olcDatabase={{0}}config,cn=config
+objectClass: olcDatabaseConfig
+olcDatabase: {{0}}config
+olcAccess: to * by dn.exact={identity} manage by * none
+
+dn: olcDatabase={{1}}mdb,cn=config
+objectClass: olcDatabaseConfig
+objectClass: olcMdbConfig
+olcDatabase: {{1}}mdb
+olcSuffix: dc=fr
+olcRootDN: {identity}
+olcDbDirectory: {root}/db
+olcDbMaxSize: 1073741824
+olcDbNoSync: TRUE
+olcDbIndex: objectClass eq
+olcDbIndex: ENTPersonJointure eq,pres
+"""
+
+
+class Slapd:
+    def __init__(self, root: Path):
+        self.root = root
+        self.uri = "ldapi://" + urllib.parse.quote(str(root / "ldapi"), safe="")
+        self.transport = LocalTransport(uri=self.uri)
+
+    def new_base(self) -> Directory:
+        base = f"dc=t{next(_counter)},dc=fr"
+        name = base.split(",")[0][3:]
+        self.transport.run(["ldapadd", "-Q", "-Y", "EXTERNAL", "-H", self.uri], stdin=(
+            f"dn: {base}\nobjectClass: dcObject\nobjectClass: organization\ndc: {name}\n"
+            f"o: {name}\n\n").encode())
+        return Directory(self.transport, base)
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    if not SLAPD.exists() or shutil.which("ldapmodify") is None:
+        pytest.skip("not verifiable: slapd not installed (apt-get install slapd ldap-utils)")
+    if not SCHEMA.exists():
+        pytest.skip(f"not verifiable: {SCHEMA.relative_to(REPO)} missing")
+    root = tmp_path_factory.mktemp("slapd")
+    (root / "conf").mkdir()
+    (root / "db").mkdir()
+    identity = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},"
+                "cn=peercred,cn=external,cn=auth")
+    (root / "config.ldif").write_text(_config(root, identity), encoding="utf-8")
+    subprocess.run([str(SLAPD), "-T", "add", "-n0", "-F", str(root / "conf"),
+                    "-l", str(root / "config.ldif")], check=True, capture_output=True)
+    server = Slapd(root)
+    proc = subprocess.Popen([str(SLAPD), "-d", "0", "-F", str(root / "conf"), "-h", server.uri],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while not (root / "ldapi").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            err = proc.stderr.read() if proc.stderr else b""
+            raise RuntimeError(f"slapd did not start: {err!r}")
+        time.sleep(0.05)
+    server.transport.run(["ldapadd", "-Q", "-Y", "EXTERNAL", "-H", server.uri], stdin=(
+        b"dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\no: fr\n\n"))
+    try:
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,0 +1,163 @@
+"""AAF import against a real slapd: idempotence, deactivation and purge, refusals with the
+directory untouched (full dumps compared), dry run, distribution files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+from aaf_conftest import REPO, Slapd, slapd
+
+from entfarm.aaf.generate import generate, generate_delta
+from entfarm.aaf.importer import Directory, ImportRefused, run_import
+from entfarm.model import Farm, load_farm
+
+__all__ = ["slapd"]
+UAI = "0360005K"
+NOW = dt.datetime(2025, 9, 2, 8, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export")
+    generate([(UAI, "Collège Les Capucins", "036"), ("0370001A", "Collège hors ferme", "037")],
+             out, date="20250901", seed=7, eleves_per_college=50)
+    return out
+
+
+@pytest.fixture
+def directory(slapd: Slapd) -> Directory:
+    return slapd.new_base()
+
+
+@pytest.fixture
+def farm(tmp_path: Path, directory: Directory) -> Farm:
+    inv = tmp_path / "inventory"
+    inv.mkdir()
+    text = (REPO / "inventories" / "lab" / "farm.yml").read_text(encoding="utf-8")
+    (inv / "farm.yml").write_text(text.replace("dc=ac-orleans-tours,dc=fr", directory.base),
+                                  encoding="utf-8")
+    return load_farm(inv)
+
+
+def _copy(export: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(export, target)
+    return target
+
+
+def _people(directory: Directory) -> dict[str, dict[str, list[str]]]:
+    return directory.search(f"ou=people,{directory.base}", "(ENTPersonJointure=*)",
+                            ("uid", "ENTPersonEtat", "ENTPersonJointure", "sn", "userPassword",
+                             "ENTPersonDateDesactivation"))
+
+
+def test_import_provisions_onboarded_only_then_reimport_changes_nothing(
+        export: Path, farm: Farm, directory: Directory) -> None:
+    first = run_import(export, farm, directory, now=NOW)
+    added = first.changes.counts["people add"]
+    assert added > 150  # 50 élèves, their parents, 45 staff
+    assert set(first.changes.per_uai) == {UAI}
+    assert first.changes.skipped["0370001A"] > 0  # the collège outside the farm
+    people = _people(directory)
+    assert len(people) == added
+    again = run_import(export, farm, directory, now=NOW + dt.timedelta(days=1))
+    assert again.changes.changes == 0, again.changes.ldif[:2000]
+    # Distribution file: new accounts only, owner-only, codes never stored in clear.
+    [csv_file] = first.distribution
+    assert csv_file.parent.name == UAI
+    assert stat.S_IMODE(csv_file.stat().st_mode) == 0o600
+    rows = csv_file.read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "login;nom;prenom;profil;classe;code_activation"
+    assert len(rows) == added + 1
+    code = rows[1].split(";")[-1]
+    assert code.encode() not in directory.dump()
+    assert again.distribution == []
+    assert first.run_record is not None and first.run_record.exists()
+
+
+def test_delta_deactivates_keeps_logins_and_purges_after_retention(
+        export: Path, farm: Farm, directory: Directory, tmp_path: Path) -> None:
+    run_import(export, farm, directory, now=NOW)
+    logins = {e["ENTPersonJointure"][0]: e["uid"][0] for e in _people(directory).values()}
+    feed = _copy(export, tmp_path)
+    generate_delta(feed, feed, seed=3, share=0.02)
+    result = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1))
+    deactivated = result.changes.counts["people deactivate"]
+    assert deactivated >= 1
+    people = _people(directory)
+    off = [e for e in people.values() if e["ENTPersonEtat"] == ["DESACTIVE"]]
+    assert len(off) == deactivated and all(e.get("ENTPersonDateDesactivation") for e in off)
+    # Renamed people keep their login.
+    for e in people.values():
+        j = e["ENTPersonJointure"][0]
+        if j in logins:
+            assert e["uid"][0] == logins[j]
+    # Within the retention delay nothing is purged; after it, the departed are.
+    assert run_import(feed, farm, directory, now=NOW + dt.timedelta(days=60)).changes.changes == 0
+    later = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=100))
+    assert later.changes.counts["people purge"] == deactivated
+    assert len(_people(directory)) == len(people) - deactivated
+
+
+def _refused(feed: Path, farm: Farm, directory: Directory, **kw: object) -> str:
+    before = directory.dump()
+    with pytest.raises(ImportRefused) as caught:
+        run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1), **kw)  # type: ignore[arg-type]
+    assert directory.dump() == before
+    return str(caught.value)
+
+
+def _edit(feed: Path, category: str, old: str, new: str) -> None:
+    [path] = feed.glob(f"*_Complet_*_{category}_0000.xml")
+    text = path.read_bytes().decode("iso-8859-15")
+    assert old in text
+    path.write_bytes(text.replace(old, new, 1).encode("iso-8859-15"))
+
+
+def test_refuses_truncated_xml(export: Path, farm: Farm, directory: Directory,
+                               tmp_path: Path) -> None:
+    run_import(export, farm, directory, now=NOW)
+    feed = _copy(export, tmp_path)
+    [path] = feed.glob("*_Eleve_0000.xml")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    message = _refused(feed, farm, directory)
+    assert "malformed or truncated XML" in message and path.name in message
+
+
+def test_refuses_unknown_structure_id(export: Path, farm: Farm, directory: Directory,
+                                      tmp_path: Path) -> None:
+    feed = _copy(export, tmp_path)
+    _edit(feed, "Eleve", "<value>4001$6A</value>", "<value>9999$6A</value>")
+    message = _refused(feed, farm, directory)
+    assert "unknown structure id '9999'" in message and "ENTEleveClasses" in message
+
+
+def test_refuses_invalid_uai(export: Path, farm: Farm, directory: Directory,
+                             tmp_path: Path) -> None:
+    feed = _copy(export, tmp_path)
+    _edit(feed, "EtabEducNat", f"<value>{UAI}</value>", "<value>0360005A</value>")
+    message = _refused(feed, farm, directory)
+    assert "invalid UAI" in message and "0360005A" in message and "record 4001" in message
+
+
+def test_refuses_mass_deactivation_unless_forced(export: Path, farm: Farm,
+                                                 directory: Directory, tmp_path: Path) -> None:
+    run_import(export, farm, directory, now=NOW)
+    feed = _copy(export, tmp_path)
+    generate_delta(feed, feed, seed=5, share=0.25)
+    message = _refused(feed, farm, directory)
+    assert f"accounts of {UAI}" in message and "--force" in message and "10%" in message
+    forced = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1), force=True)
+    assert forced.changes.counts["people deactivate"] > 0
+
+
+def test_dry_run_writes_nothing(export: Path, farm: Farm, directory: Directory) -> None:
+    before = directory.dump()
+    result = run_import(export, farm, directory, now=NOW, dry_run=True)
+    assert result.changes.counts["people add"] > 150 and "changetype: add" in result.changes.ldif
+    assert directory.dump() == before
+    assert not (farm.state_dir / "aaf").exists()
