@@ -1,0 +1,103 @@
+"""AAF export reading and checks, logins and generation: no directory needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from entfarm.aaf.export import load
+from entfarm.aaf.generate import add_request, generate, generate_delta
+from entfarm.aaf.mapping import allocate_logins, fold, login_base
+from entfarm.cli import cli
+
+HEAD = '<?xml version="1.0" encoding="ISO-8859-15"?>\n<ficAlimMENESR>\n'
+ETAB = add_request("categorieStructure", "Etablissement", "4001",
+                   {"ENTStructureUAI": ["0360005K"], "ENTStructureNomCourant": ["CLG"]})
+
+
+def _write(directory: Path, name: str, body: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes((HEAD + body + "</ficAlimMENESR>\n").encode("iso-8859-15"))
+    return path
+
+
+def test_reads_latin9_and_applies_structures_first_then_later_deltas(tmp_path: Path) -> None:
+    eleve = add_request("categoriePersonne", "Eleve", "1", {
+        "sn": ["Lœuillet"], "givenName": ["Zoé"], "ENTEleveClasses": ["4001$3A"],
+        "ENTPersonStructRattach": ["4001"], "mail": [""]})
+    _write(tmp_path, "ENT_18_Complet_20250901_Eleve_0000.xml", eleve)
+    _write(tmp_path, "ENT_18_Complet_20250901_EtabEducNat_0000.xml", ETAB)
+    _write(tmp_path, "ENT_18_Complet_20250801_Eleve_0000.xml", "")  # older: ignored
+    _write(tmp_path, "ENT_18_Delta_20250902_Eleve_0000.xml",
+           '<modifyRequest><identifier><id>1</id></identifier><modifications>'
+           '<modification name="sn" operation="replace"><value>Cœur-€</value></modification>'
+           "</modifications></modifyRequest>")
+    export = load(tmp_path)
+    assert export.problems == []
+    assert export.files[0].path.name.endswith("EtabEducNat_0000.xml")
+    assert export.persons["1"].attrs["sn"] == ["Cœur-€"]
+    assert export.persons["1"].attrs["givenName"] == ["Zoé"]
+    assert "mail" not in export.persons["1"].attrs or export.persons["1"].attrs["mail"] == []
+    assert export.counts_per_uai()["0360005K"]["Eleve"] == 1
+    assert len(export.ignored_files) == 1
+
+
+def test_delta_without_complet_is_blocking(tmp_path: Path) -> None:
+    _write(tmp_path, "ENT_18_Delta_20250902_EtabEducNat_0000.xml", ETAB)
+    [problem] = load(tmp_path).blocking
+    assert "without a preceding Complet" in problem.message
+
+
+def test_unknown_category_and_categorie_personne_are_blocking(tmp_path: Path) -> None:
+    _write(tmp_path, "ENT_18_Complet_20250901_EtabEducNat_0000.xml", ETAB)
+    _write(tmp_path, "ENT_18_Complet_20250901_Visiteur_0000.xml", "")
+    _write(tmp_path, "ENT_18_Complet_20250901_Eleve_0000.xml",
+           add_request("categoriePersonne", "Martien", "9", {"sn": ["X"]}))
+    messages = [p.render() for p in load(tmp_path).blocking]
+    assert any("unknown category 'Visiteur'" in m for m in messages)
+    assert any("record 9" in m and "unknown categoriePersonne 'Martien'" in m for m in messages)
+
+
+def test_check_cli_reports_truncation_with_file_and_line(tmp_path: Path) -> None:
+    _write(tmp_path, "ENT_18_Complet_20250901_EtabEducNat_0000.xml", ETAB)
+    path = tmp_path / "ENT_18_Complet_20250901_Eleve_0000.xml"
+    path.write_bytes((HEAD + add_request("categoriePersonne", "Eleve", "1", {"sn": ["A"]})
+                      ).encode("iso-8859-15")[:-30])
+    result = CliRunner().invoke(cli, ["aaf", "check", str(tmp_path)])
+    assert result.exit_code != 0
+    assert f"{path}:" in result.output and "malformed or truncated XML" in result.output
+
+
+def test_logins_fold_accents_keep_hyphens_and_suffix_homonyms() -> None:
+    assert fold("Éloïse") == "eloise" and fold("Lœuillet") == "loeuillet"
+    assert login_base("Jean-Baptiste", "De La Fontaine") == "jean-baptiste.de-la-fontaine"
+    assert login_base("Noé", "N'Diaye") == "noe.ndiaye"
+
+
+def test_generated_export_is_deterministic_checks_clean_and_logins_are_stable(
+        tmp_path: Path) -> None:
+    etabs = [("0360005K", "Collège Les Capucins", "036"), ("0450022E", "Collège J.", "045")]
+    a = generate(etabs, tmp_path / "a", date="20250901", seed=4, eleves_per_college=60)
+    generate(etabs, tmp_path / "b", date="20250901", seed=4, eleves_per_college=60)
+    for f in a.files:
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
+    export = load(tmp_path / "a")
+    assert export.blocking == []
+    staff_in_two = [p for p in export.persons.values() if p.category == "PersEducNat"
+                    and len(export.structure_ids(p)) == 2]
+    assert staff_in_two
+    generate_delta(tmp_path / "a", tmp_path / "a", seed=1)
+    assert load(tmp_path / "a").blocking == []
+
+    from entfarm.aaf.mapping import Desired, Provisioned
+
+    people = {f"AAF${i}": Provisioned(p, f"AAF${i}", ["4001"], ["National_ELV"])
+              for i, p in export.persons.items()}
+    d = Desired("dc=x", people, {}, {}, __import__("collections").Counter(), {})
+    first = allocate_logins(d, {}, {})
+    assert len(set(first.values())) == len(first)  # homonyms got suffixes
+    assert any(login[-1].isdigit() for login in first.values())
+    # A login handed out before is kept even if the directory lost the entry.
+    assert allocate_logins(d, {}, first) == first
