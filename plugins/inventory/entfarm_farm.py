@@ -12,6 +12,13 @@ import sys
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin
 
+try:  # ansible-core >= 2.19 tags data from inventory plugins as untrusted by default
+    from ansible.template import trust_as_template
+except ImportError:  # older ansible-core: inventory data is plain
+
+    def trust_as_template(value):
+        return value
+
 try:
     from entfarm.errors import UserError
     from entfarm.inventory import farm_vars, groups, host_vars
@@ -34,6 +41,19 @@ options: {}
 """
 
 
+def _trusted(value):
+    """farm.yml is the operator's own file, as trusted as a YAML inventory: without this,
+    ansible-inventory --list (used by AWX and testinfra) prints every string wrapped as
+    {"__ansible_unsafe": ...}."""
+    if isinstance(value, str):
+        return trust_as_template(value)
+    if isinstance(value, dict):
+        return {k: _trusted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_trusted(v) for v in value]
+    return value
+
+
 class InventoryModule(BaseInventoryPlugin):
     NAME = "entfarm_farm"
 
@@ -47,14 +67,14 @@ class InventoryModule(BaseInventoryPlugin):
         except UserError as exc:
             raise AnsibleParserError(str(exc)) from None
         for name, value in farm_vars(farm).items():
-            self.inventory.set_variable("all", name, value)
+            self.inventory.set_variable("all", name, _trusted(value))
         for host, variables in host_vars(farm).items():
             self.inventory.add_host(host)
             for name, value in variables.items():
-                self.inventory.set_variable(host, name, value)
+                self.inventory.set_variable(host, name, _trusted(value))
         for group, entry in groups(farm).items():
             self.inventory.add_group(group)
             for host in entry["hosts"]:
                 self.inventory.add_host(host, group=group)
             for name, value in entry["vars"].items():
-                self.inventory.set_variable(group, name, value)
+                self.inventory.set_variable(group, name, _trusted(value))

@@ -33,7 +33,12 @@ ensure_python_env() {
   if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     apt_install python3-venv
   fi
-  apt_install debootstrap openssl git ca-certificates
+  # slapd and ldap-utils: the AAF importer's tests run a real (throwaway) slapd on the controller.
+  # Preseeded so that Debian's postinst creates no database and starts no server of its own.
+  if ! dpkg-query -W -f='${Status}' slapd 2>/dev/null | grep -q "install ok installed"; then
+    echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
+  fi
+  apt_install debootstrap openssl git ca-certificates slapd ldap-utils
   local stamp="$VENV/.entfarm-installed"
   local want
   want="$(sha256sum "$ENTFARM_ROOT/pyproject.toml" | cut -d' ' -f1)"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from entfarm.model import Farm, load_farm
+from entfarm.runner import RunResult, run_playbook
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB_INVENTORY = ROOT / "inventories" / "lab"
@@ -30,3 +31,26 @@ def fresh_lab(lab_farm: Farm) -> Iterator[None]:
     else:
         lab.reset(lab_farm, progress=print)
     yield
+
+
+@pytest.fixture(scope="session")
+def deployed_lab(lab_farm: Farm, fresh_lab: None) -> RunResult:
+    """The first deploy of the session (playbooks/site.yml on every lab host); it must succeed."""
+    result = run_playbook(lab_farm)
+    details = "\n".join(f"{f['host']} | {f['task']}: {f['message']}" for f in result.failures)
+    assert result.exit_code == 0, f"deploy failed, run directory {result.run_dir}\n{details}"
+    return result
+
+
+_MODULE_ORDER = ("test_lab.py", "test_site_deploy.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The lab's own tests recreate hosts, so they run before the first deploy; the deploy and
+    idempotence tests come next; the service tests, which use the deployed lab, after them."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return _MODULE_ORDER.index(name) if name in _MODULE_ORDER else len(_MODULE_ORDER)
+
+    items.sort(key=rank)  # stable: keeps the order within a module

@@ -9,20 +9,17 @@ inventory: the checks need no inventory of their own and never change the host.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
+
+from entfarm.verifylib import read_fact
 
 FACT = "/etc/ansible/facts.d/common.fact"
 
 
 def fact(host: Any) -> dict[str, Any]:
-    f = host.file(FACT)
-    if not f.exists:
-        pytest.skip(f"not verifiable: {FACT} missing (common role not applied)")
-    data: dict[str, Any] = json.loads(f.content_string)
-    return data
+    return read_fact(host, "common")
 
 
 def test_fact_present(host: Any) -> None:

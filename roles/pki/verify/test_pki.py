@@ -7,21 +7,18 @@ Paths and expected names come from /etc/ansible/facts.d/pki.fact, written by the
 
 from __future__ import annotations
 
-import json
 import shlex
 from typing import Any
 
 import pytest
 
+from entfarm.verifylib import read_fact
+
 FACT = "/etc/ansible/facts.d/pki.fact"
 
 
 def fact(host: Any) -> dict[str, Any]:
-    f = host.file(FACT)
-    if not f.exists:
-        pytest.skip(f"not verifiable: {FACT} missing (pki role not applied)")
-    data: dict[str, Any] = json.loads(f.content_string)
-    return data
+    return read_fact(host, "pki")
 
 
 def q(path: str) -> str:

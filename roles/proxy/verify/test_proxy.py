@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from entfarm.verifylib import only_in_group, read_fact
+
 FACT = "/etc/ansible/facts.d/proxy.fact"
 PKI_FACT = "/etc/ansible/facts.d/pki.fact"
 UNKNOWN_NAME = "unknown.entfarm.invalid"
@@ -23,19 +25,11 @@ UNKNOWN_NAME = "unknown.entfarm.invalid"
 @pytest.fixture(autouse=True)
 def _proxies_only(host: Any) -> None:
     """Against an inventory, the suite concerns the hosts of the proxy group only."""
-    if host.backend.NAME != "ansible":
-        return
-    groups = host.ansible.get_variables().get("group_names", [])
-    if "proxy" not in groups:
-        pytest.skip(f"not applicable: {host.backend.get_pytest_id()} is not in the proxy group")
+    only_in_group(host, "proxy")
 
 
 def fact(host: Any) -> dict[str, Any]:
-    f = host.file(FACT)
-    if not f.exists:
-        pytest.skip(f"not verifiable: {FACT} missing (proxy role not applied)")
-    data: dict[str, Any] = json.loads(f.content_string)
-    return data
+    return read_fact(host, "proxy")
 
 
 def names(host: Any) -> list[str]:

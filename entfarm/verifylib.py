@@ -1,0 +1,33 @@
+"""Helpers shared by the roles' verify suites (roles/<role>/verify/test_<role>.py).
+
+They keep the suites read-only and honest: a check that cannot run is skipped as
+"not verifiable: <reason>", a host outside the role's group as "not applicable", never passed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+FACTS_DIR = "/etc/ansible/facts.d"
+
+
+def read_fact(host: Any, role: str) -> dict[str, Any]:
+    """The role's local fact (``/etc/ansible/facts.d/<role>.fact``), or skip as not verifiable."""
+    path = f"{FACTS_DIR}/{role}.fact"
+    f = host.file(path)
+    if not f.exists:
+        pytest.skip(f"not verifiable: {path} missing ({role} role not applied)")
+    data: dict[str, Any] = json.loads(f.content_string)
+    return data
+
+
+def only_in_group(host: Any, group: str) -> None:
+    """Against an inventory, skip hosts outside ``group`` (a role's suite concerns its hosts)."""
+    if host.backend.NAME != "ansible":
+        return  # a single host named on the command line: the caller chose it
+    groups = host.ansible.get_variables().get("group_names", [])
+    if group not in groups:
+        pytest.skip(f"not applicable: {host.backend.get_pytest_id()} is not in the {group} group")
