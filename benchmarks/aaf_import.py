@@ -1,0 +1,345 @@
+"""Benchmark of ``entfarm aaf import`` (issue 3, deliverable 5). A measurement, not a test.
+
+Generates a ~100 000-person Complet export and a 1 % Delta for a temporary copy of the lab farm
+with enough onboarded collèges, starts a throwaway slapd configured exactly like the unit tests'
+(tests/unit/aaf_conftest.py: cn=config by slapadd -n0, the project's SDET schema, mdb, ldapi,
+SASL EXTERNAL) and measures, each importer run in a child process so that its peak RSS is its own:
+
+  reference  slapadd -q of the same entries (the importer's own dry-run LDIF of the full import)
+             into an empty database of the same configuration, on the same host
+  full       first import of the Complet into an empty base DN
+  no-change  the same export again (must write nothing)
+  delta      the Complet plus a 1 % Delta
+
+``--lab`` targets the lab's directory container (entfarm-lab-idp) through the farm's docker-exec
+transport with the real CLI (``python -m entfarm.cli aaf import``); the reference stays a local
+slapadd on this host (same machine, the container shares its kernel and disks).
+
+    .venv/bin/python benchmarks/aaf_import.py                 # ~100 000 persons, local slapd
+    .venv/bin/python benchmarks/aaf_import.py --persons 20000 # quicker
+    .venv/bin/python benchmarks/aaf_import.py --lab           # into the lab directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "unit"))
+
+from entfarm.uai import check_letter  # noqa: E402
+
+SLAPD = Path("/usr/sbin/slapd")
+SLAPADD = Path("/usr/sbin/slapadd")
+BASE = "dc=ac-orleans-tours,dc=fr"
+# Persons per generated collège at 500 élèves: the élèves, ~850 parents (siblings share), 45 staff.
+PERSONS_PER_COLLEGE = 1395
+STEP_TIMEOUT = 1800
+TARGETS = {"full": 120.0, "no-change": 30.0, "delta": 10.0}
+MAX_RATIO = 4.0
+MAX_RSS_MIB = 1024.0
+
+
+def _say(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+# -- inventory and exports ------------------------------------------------------------------------
+
+
+def make_inventory(target: Path, persons: int, lab_text: str) -> int:
+    """A copy of the lab farm with extra onboarded collèges; returns the number of collèges."""
+    colleges = max(4, math.ceil(persons / PERSONS_PER_COLLEGE))
+    existing = set(re.findall(r"uai: ([0-9]{7}[A-Z])", lab_text))
+    extra: list[str] = []
+    n = 0
+    while len(existing) + len(extra) < colleges:
+        dep = ("036", "045")[n % 2]
+        stem = f"{dep}{7000 + n:04d}"
+        n += 1
+        uai = stem + check_letter(stem)
+        if uai in existing:
+            continue
+        extra.append(
+            f"  - uai: {uai}\n    name: Collège de banc d'essai {n}\n    type: college\n"
+            f"    commune: Banc\n    departement: \"{dep}\"\n    wave: \"{1 + n % 2}\"\n"
+            "    school_server: false\n")
+    text = lab_text.replace("\nhosts:\n", "\n" + "".join(extra) + "\nhosts:\n", 1) \
+        if extra else lab_text
+    if extra and "".join(extra) not in text:
+        raise SystemExit("cannot place the extra établissements in farm.yml")
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "farm.yml").write_text(text, encoding="utf-8")
+    for sub in ("logos", "news"):
+        src = REPO / "inventories" / "lab" / sub
+        if src.is_dir():
+            shutil.copytree(src, target / sub, dirs_exist_ok=True)
+    return len(existing) + len(extra)
+
+
+def make_exports(inventory: Path, work: Path) -> tuple[Path, Path, dict[str, Any]]:
+    from entfarm.aaf.generate import generate, generate_delta
+    from entfarm.model import load_farm
+
+    farm = load_farm(inventory)
+    complet = work / "complet"
+    etabs = [(e.uai, e.name, e.departement) for e in farm.spec.etablissements]
+    t0 = time.monotonic()
+    full = generate(etabs, complet, date="20250901", seed=1, prefix=farm.spec.academie.code)
+    delta_only = work / "delta-only"
+    d = generate_delta(complet, delta_only, date="20250902", seed=2, share=0.01,
+                       prefix=farm.spec.academie.code)
+    with_delta = work / "with-delta"
+    shutil.copytree(complet, with_delta)
+    for f in d.files:
+        shutil.copy(f, with_delta / f.name)
+    info = {"complet_records": full.counts, "delta_records": d.counts,
+            "generate_s": round(time.monotonic() - t0, 1)}
+    return complet, with_delta, info
+
+
+# -- slapd ----------------------------------------------------------------------------------------
+
+
+def slapd_config(root: Path) -> str:
+    from aaf_conftest import _config  # the unit tests' configuration, unchanged but its size
+
+    identity = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},"
+                "cn=peercred,cn=external,cn=auth")
+    text: str = _config(root, identity)
+    return text.replace("olcDbMaxSize: 1073741824", "olcDbMaxSize: 8589934592")
+
+
+def init_config(root: Path) -> None:
+    (root / "conf").mkdir(parents=True)
+    (root / "db").mkdir()
+    (root / "config.ldif").write_text(slapd_config(root), encoding="utf-8")
+    subprocess.run([str(SLAPD), "-T", "add", "-n0", "-F", str(root / "conf"),
+                    "-l", str(root / "config.ldif")], check=True, capture_output=True)
+
+
+class Server:
+    def __init__(self, root: Path):
+        self.root = root
+        self.uri = "ldapi://" + urllib.parse.quote(str(root / "ldapi"), safe="")
+        init_config(root)
+        self.proc = subprocess.Popen(
+            [str(SLAPD), "-d", "0", "-F", str(root / "conf"), "-h", self.uri],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not (root / "ldapi").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit("slapd did not start")
+            time.sleep(0.05)
+        self.ldapadd(b"dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\n"
+                     b"o: fr\n\n" + _base_entry().encode())
+
+    def ldapadd(self, data: bytes) -> None:
+        subprocess.run(["ldapadd", "-Q", "-Y", "EXTERNAL", "-H", self.uri], input=data,
+                       check=True, capture_output=True)
+
+    def count_people(self) -> int:
+        out = subprocess.run(
+            ["ldapsearch", "-LLL", "-Q", "-Y", "EXTERNAL", "-H", self.uri, "-z", "0",
+             "-b", f"ou=people,{BASE}", "-s", "one", "(ENTPersonJointure=*)", "1.1"],
+            check=True, capture_output=True).stdout
+        return out.count(b"\ndn: ") + out.startswith(b"dn: ")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _base_entry() -> str:
+    return ("dn: dc=ac-orleans-tours,dc=fr\nobjectClass: dcObject\nobjectClass: organization\n"
+            "dc: ac-orleans-tours\no: ac-orleans-tours\n\n")
+
+
+# -- measured steps -------------------------------------------------------------------------------
+
+
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MiB) of the child alone, stdout."""
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=REPO)
+        deadline = t0 + STEP_TIMEOUT
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit(f"timed out after {STEP_TIMEOUT} s: {argv}")
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.monotonic() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{stderr[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, stdout
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """The importer alone, as the CLI runs it, with a local transport to the benchmark's slapd."""
+    from entfarm.aaf.importer import Directory, run_import
+    from entfarm.aaf.transport import LocalTransport
+    from entfarm.model import load_farm
+
+    farm = load_farm(args.inventory)
+    directory = Directory(LocalTransport(uri=args.uri), farm.spec.academie.base_dn)
+    result = run_import(Path(args.export), farm, directory, dry_run=bool(args.ldif_out),
+                        now=dt.datetime(2025, 9, 3, 6, 0, tzinfo=dt.UTC))
+    if args.ldif_out:
+        Path(args.ldif_out).write_text(result.changes.ldif, encoding="utf-8")
+    print(json.dumps({"counts": dict(result.changes.counts), "changes": result.changes.changes,
+                      "timings": {k: round(v, 2) for k, v in result.timings.items()}}))
+
+
+def importer_argv(args: argparse.Namespace, export: Path, inventory: Path, uri: str,
+                  ldif_out: Path | None = None) -> list[str]:
+    if args.lab and ldif_out is None:
+        return [sys.executable, "-m", "entfarm.cli", "aaf", "import", str(export),
+                "-i", str(inventory)]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--export", str(export),
+            "--inventory", str(inventory), "--uri", uri]
+    return argv + (["--ldif-out", str(ldif_out)] if ldif_out else [])
+
+
+def reference_slapadd(work: Path, ldif_text: str) -> tuple[float, int]:
+    """slapadd -q of the importer's entries into an empty DB of the same configuration."""
+    root = work / "slapadd"
+    init_config(root)
+    records = [r for r in ldif_text.split("\n\n") if r.strip()]
+    body = "\n\n".join("\n".join(x for x in r.splitlines() if x != "changetype: add")
+                       for r in records)
+    data = ("dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\no: fr\n\n"
+            + _base_entry() + body + "\n\n")
+    path = root / "entries.ldif"
+    path.write_text(data, encoding="utf-8")
+    t0 = time.monotonic()
+    subprocess.run([str(SLAPADD), "-q", "-F", str(root / "conf"), "-b", "dc=fr", "-l", str(path)],
+                   check=True, capture_output=True, timeout=STEP_TIMEOUT)
+    return time.monotonic() - t0, len(records) + 2
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--persons", type=int, default=100_000)
+    p.add_argument("--lab", action="store_true", help="import into the lab directory container")
+    p.add_argument("--work", type=Path, default=None, help="scratch directory (default: temp)")
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" /
+                   "aaf_import.json")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--export", help=argparse.SUPPRESS)
+    p.add_argument("--inventory", help=argparse.SUPPRESS)
+    p.add_argument("--uri", help=argparse.SUPPRESS)
+    p.add_argument("--ldif-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    if not SLAPD.exists() or shutil.which("ldapmodify") is None:
+        raise SystemExit("not run: slapd / ldap-utils not installed")
+    work = args.work or Path(tempfile.mkdtemp(prefix="entfarm-aaf-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    lab_text = (REPO / "inventories" / "lab" / "farm.yml").read_text(encoding="utf-8")
+    inventory = work / "inventory"
+    colleges = make_inventory(inventory, args.persons, lab_text)
+    _say(f"generating exports for {colleges} collèges in {work}")
+    complet, with_delta, info = make_exports(inventory, work)
+    _say(f"exports: {info}")
+
+    server: Server | None = None
+    if args.lab:
+        container = "entfarm-lab-idp"
+        probe = subprocess.run(["docker", "exec", container, "ldapsearch", "-LLL", "-Q", "-Y",
+                                "EXTERNAL", "-H", "ldapi:///", "-s", "base", "-b", BASE, "1.1"],
+                               capture_output=True, check=False)
+        if probe.returncode != 0:
+            raise SystemExit(f"not run: the lab directory ({container}) has no {BASE} "
+                             f"reachable over ldapi: {probe.stderr.decode()[-300:]}")
+        uri = "ldapi:///"
+        scratch = Server(work / "dry")  # dry-run LDIF of a full import comes from an empty base
+        dry_uri = scratch.uri
+    else:
+        server = Server(work / "server")
+        uri = dry_uri = server.uri
+        scratch = None
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        _say("dry run (LDIF of the full import, the reference's input)")
+        ldif_path = work / "full.ldif"
+        wall, rss, out = run_child(importer_argv(args, complet, inventory, dry_uri, ldif_path))
+        rows["dry-run"] = {"seconds": wall, "rss_mib": rss, **json.loads(out)}
+        _say("reference: slapadd -q")
+        ref, entries = reference_slapadd(work, ldif_path.read_text(encoding="utf-8"))
+        rows["slapadd"] = {"seconds": ref, "entries": entries}
+        for name, export in (("full", complet), ("no-change", complet), ("delta", with_delta)):
+            _say(f"import: {name}")
+            wall, rss, out = run_child(importer_argv(args, export, inventory, uri))
+            row: dict[str, Any] = {"seconds": wall, "rss_mib": rss}
+            if not args.lab:
+                row.update(json.loads(out))
+            rows[name] = row
+        people = server.count_people() if server else None
+    finally:
+        if server:
+            server.stop()
+        if scratch:
+            scratch.stop()
+
+    persons = rows["dry-run"]["counts"].get("people add", 0)
+    results = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": {"cpus": os.cpu_count(), "load_at_end": os.getloadavg(),
+                 "python": sys.version.split()[0]},
+        "target": "lab container entfarm-lab-idp" if args.lab else "local throwaway slapd",
+        "colleges": colleges, "persons": persons, "people_in_directory": people,
+        "exports": info, "rows": rows,
+    }
+    print(f"\nAAF import, {persons} persons, {colleges} collèges, {results['target']}, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'step':<10} {'seconds':>8} {'x slapadd':>10} {'peak RSS MiB':>13} {'changes':>8}  "
+          "target")
+    print(f"{'slapadd':<10} {ref:8.1f} {1.0:10.2f} {'':>13} {entries:8d}  reference")
+    for name in ("full", "no-change", "delta"):
+        r = rows[name]
+        ok = r["seconds"] <= TARGETS[name] and r["rss_mib"] <= MAX_RSS_MIB
+        if name == "full":
+            ok = ok and r["seconds"] <= MAX_RATIO * ref
+        limit = f"<= {TARGETS[name]:.0f} s" + (f", <= {MAX_RATIO:.0f}x" if name == "full" else "")
+        print(f"{name:<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} {r['rss_mib']:13.0f} "
+              f"{r.get('changes', '?'):>8}  {limit}, <= 1 GiB: {'MET' if ok else 'NOT MET'}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",
+                         encoding="utf-8")
+    print(f"results: {args.json}")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    _say(f"benchmark driver peak RSS {own:.0f} MiB (not the importer's)")
+
+
+if __name__ == "__main__":
+    main()
