@@ -1,4 +1,4 @@
-"""Password hashes for slapd computed on the controller, deterministic so that reruns change nothing.
+"""Password hashes for slapd, computed on the controller, deterministic: reruns change nothing.
 
 passlib is not a dependency of the project; {SSHA512} (pw-sha2 module) needs only hashlib.
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def directory_ssha512(password: str, salt_seed: str) -> str:

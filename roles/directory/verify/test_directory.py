@@ -35,7 +35,9 @@ def pki_ca(host: Any) -> str:
 
 
 def root_search(host: Any, base: str, *args: str) -> str:
-    out: str = host.check_output(f"{ROOT_SEARCH} -o ldif-wrap=no -b {shlex.quote(base)} " + " ".join(map(shlex.quote, args)))
+    out: str = host.check_output(
+        f"{ROOT_SEARCH} -o ldif-wrap=no -b {shlex.quote(base)} " + " ".join(map(shlex.quote, args))
+    )
     return out
 
 
@@ -50,14 +52,17 @@ def service_password(host: Any, account: str) -> str:
     return path.read_text().strip()
 
 
-def service_ldap(host: Any, account: str, uri: str, tool: str, args: str, starttls: bool = False) -> Any:
+def service_ldap(
+    host: Any, account: str, uri: str, tool: str, args: str, starttls: bool = False
+) -> Any:
     """Run an ldap tool as the service account (simple bind), the password fed on stdin."""
     data = fact(host)
     password = service_password(host, account)
     dn = data["services"][account]
     cmd = (
         f"printf %s {shlex.quote(password)} | LDAPTLS_CACERT={shlex.quote(pki_ca(host))} "
-        f"{tool} -x {'-ZZ ' if starttls else ''}-H {shlex.quote(uri)} -D {shlex.quote(dn)} -y /dev/stdin {args}"
+        f"{tool} -x {'-ZZ ' if starttls else ''}-H {shlex.quote(uri)} "
+        f"-D {shlex.quote(dn)} -y /dev/stdin {args}"
     )
     return host.run(cmd)
 
@@ -90,7 +95,10 @@ def test_anonymous_bind_refused(host: Any) -> None:
 def test_anonymous_search_returns_nothing(host: Any) -> None:
     base = fact(host)["base_dn"]
     for args in ("-x", ""):  # explicit anonymous bind, then no bind at all (ldapsearch -x -d0)
-        cmd = host.run(f"ldapsearch {args} -LLL -H ldap://localhost/ -b {shlex.quote(base)} '(objectClass=*)' dn")
+        cmd = host.run(
+            f"ldapsearch {args} -LLL -H ldap://localhost/ "
+            f"-b {shlex.quote(base)} '(objectClass=*)' dn"
+        )
         assert "dn:" not in cmd.stdout, "an anonymous search returned entries"
 
 
@@ -133,18 +141,34 @@ def test_service_account_reads_people_but_no_password(host: Any) -> None:
     data = fact(host)
     account = a_reader(host)
     base = shlex.quote(data["base_dn"])
-    people = service_ldap(host, account, data["uri"], "ldapsearch", f"-LLL -b ou=people,{base} -s base dn")
-    assert people.rc == 0 and "dn:" in people.stdout, f"{account} cannot read ou=people: {people.stderr.strip()}"
+    people = service_ldap(
+        host, account, data["uri"], "ldapsearch", f"-LLL -b ou=people,{base} -s base dn"
+    )
+    assert people.rc == 0 and "dn:" in people.stdout, (
+        f"{account} cannot read ou=people: {people.stderr.strip()}"
+    )
     hashes = service_ldap(
-        host, account, data["uri"], "ldapsearch", f"-LLL -b {base} '(objectClass=*)' userPassword ENTPersonCodeActivation"
+        host,
+        account,
+        data["uri"],
+        "ldapsearch",
+        f"-LLL -b {base} '(objectClass=*)' userPassword ENTPersonCodeActivation",
     )
     assert hashes.rc in (0, 4), hashes.stderr.strip()  # 4: size limit, still no value shown
     assert "userPassword" not in hashes.stdout and "ENTPersonCodeActivation" not in hashes.stdout
 
 
 def test_schema_loaded(host: Any) -> None:
-    out = root_search(host, "cn=schema,cn=config", "-s", "one", "(cn=*entfarm-sdet)", "olcObjectClasses")
-    for name in ("ENTPerson", "ENTEleve", "ENTAuxEnseignant", "ENTAuxPersRelEleve", "ENTEtablissement"):
+    out = root_search(
+        host, "cn=schema,cn=config", "-s", "one", "(cn=*entfarm-sdet)", "olcObjectClasses"
+    )
+    for name in (
+        "ENTPerson",
+        "ENTEleve",
+        "ENTAuxEnseignant",
+        "ENTAuxPersRelEleve",
+        "ENTEtablissement",
+    ):
         assert f"NAME '{name}'" in out, f"object class {name} missing"
 
 
@@ -155,7 +179,9 @@ def test_database_serves_the_base_dn(host: Any) -> None:
 
 
 def test_anonymous_bind_disallowed_globally(host: Any) -> None:
-    out = root_search(host, "cn=config", "-s", "base", "olcDisallows", "olcSecurity", "olcTLSProtocolMin")
+    out = root_search(
+        host, "cn=config", "-s", "base", "olcDisallows", "olcSecurity", "olcTLSProtocolMin"
+    )
     assert "olcDisallows: bind_anon" in out
     assert "olcTLSProtocolMin: 3.3" in out
 
@@ -167,7 +193,15 @@ def test_overlay_present(host: Any, overlay: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "index", ["objectClass eq", "uid eq,sub", "ENTPersonJointure eq", "ENTStructureUAI eq", "member eq", "entryCSN eq"]
+    "index",
+    [
+        "objectClass eq",
+        "uid eq,sub",
+        "ENTPersonJointure eq",
+        "ENTStructureUAI eq",
+        "member eq",
+        "entryCSN eq",
+    ],
 )
 def test_index_present(host: Any, index: str) -> None:
     out = root_search(host, "cn=config", "(olcSuffix=*)", "olcDbIndex")
@@ -176,7 +210,10 @@ def test_index_present(host: Any, index: str) -> None:
 
 def test_password_hashes_unreadable_in_acl(host: Any) -> None:
     out = root_search(host, "cn=config", "(olcSuffix=*)", "olcAccess")
-    assert "to attrs=userPassword,ENTPersonCodeActivation by self =xw by anonymous auth by * none" in out
+    assert (
+        "to attrs=userPassword,ENTPersonCodeActivation by self =xw by anonymous auth by * none"
+        in out
+    )
 
 
 def test_slapcat_timer_enabled(host: Any) -> None:
