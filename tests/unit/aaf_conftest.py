@@ -103,13 +103,16 @@ def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
     server = Slapd(root)
     proc = subprocess.Popen([str(SLAPD), "-d", "0", "-F", str(root / "conf"), "-h", server.uri],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while not (root / "ldapi").exists():
+    # The socket file appears at bind(), before slapd accepts connections: under load a first
+    # client can be refused. Wait until an EXTERNAL bind really answers.
+    deadline = time.monotonic() + 30
+    while subprocess.run(["ldapwhoami", "-Q", "-Y", "EXTERNAL", "-H", server.uri],
+                         capture_output=True).returncode != 0:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             err = proc.stderr.read() if proc.stderr else b""
             raise RuntimeError(f"slapd did not start: {err!r}")
-        time.sleep(0.05)
+        time.sleep(0.1)
     server.transport.run(["ldapadd", "-Q", "-Y", "EXTERNAL", "-H", server.uri], stdin=(
         b"dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\no: fr\n\n"))
     try:
