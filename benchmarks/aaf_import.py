@@ -147,6 +147,12 @@ class Server:
                 self.stop()
                 raise SystemExit("slapd did not start")
             time.sleep(0.05)
+        while subprocess.run(["ldapsearch", "-Q", "-Y", "EXTERNAL", "-H", self.uri, "-s", "base",
+                              "-b", "", "1.1"], capture_output=True, check=False).returncode:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit("slapd does not answer")
+            time.sleep(0.05)
         self.ldapadd(b"dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\n"
                      b"o: fr\n\n" + _base_entry().encode())
 

@@ -3,51 +3,67 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable
 
 Entry = dict[str, list[str]]
 
 
 def parse(data: bytes, names: Iterable[str] = ()) -> dict[str, Entry]:
-    """DN -> attributes, attribute names normalised to the spelling given in ``names``."""
+    """DN -> attributes, attribute names normalised to the spelling given in ``names``.
+
+    Works on the whole text at once (folded lines joined, records split on blank lines) because
+    a line-by-line reader dominated the import's time on 100 000-entry searches.
+    """
     canonical = {n.lower(): n for n in names}
+    keys: dict[str, str] = {}  # name as written -> name to store ("" for the DN)
     out: dict[str, Entry] = {}
-    for record in _records(data):
+    text = data.decode("utf-8", "replace")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\n " in text:
+        text = _unfold(text)
+    b64decode = base64.b64decode
+    for record in text.split("\n\n"):
         dn: str | None = None
         entry: Entry = {}
-        for line in record:
-            name, sep, rest = line.partition(":")
-            if not sep:
+        for line in record.split("\n"):
+            if not line or line[0] == "#":
                 continue
-            if rest.startswith(":"):
-                value = base64.b64decode(rest[1:].strip()).decode("utf-8", "replace")
+            i = line.find(":")
+            if i < 0:
+                continue
+            name = line[:i]
+            if line.startswith(":", i + 1):
+                value = b64decode(line[i + 2:].strip()).decode("utf-8", "replace")
+            elif line.startswith(" ", i + 1):
+                value = line[i + 2:]
             else:
-                value = rest[1:] if rest.startswith(" ") else rest
-            if name.lower() == "dn":
+                value = line[i + 1:]
+            key = keys.get(name)
+            if key is None:
+                lower = name.lower()
+                key = keys[name] = "" if lower == "dn" else canonical.get(lower, name)
+            if key == "":
                 dn = value
+            elif key in entry:
+                entry[key].append(value)
             else:
-                key = canonical.get(name.lower(), name)
-                entry.setdefault(key, []).append(value)
+                entry[key] = [value]
         if dn is not None:
             out[dn] = entry
     return out
 
 
-def _records(data: bytes) -> Iterator[list[str]]:
+def _unfold(text: str) -> str:
+    """Join continuation lines (a leading space) to their line, as the line reader did."""
     lines: list[str] = []
-    for raw in data.decode("utf-8", "replace").splitlines():
-        if raw.startswith(" ") and lines:
+    for raw in text.split("\n"):
+        if raw.startswith(" ") and lines and lines[-1] != "":
             lines[-1] += raw[1:]
-        elif raw.startswith("#"):
-            continue
-        elif raw == "":
-            if lines:
-                yield lines
-            lines = []
         else:
             lines.append(raw)
-    if lines:
-        yield lines
+    return "\n".join(lines)
 
 
 def _safe(value: str) -> bool:
@@ -88,8 +104,13 @@ def delete(dn: str) -> str:
     return line("dn", dn) + "changetype: delete\n\n"
 
 
+_RDN_SPECIAL = re.compile(r'[,+"\\<>;=]|^[ #]| $')
+
+
 def escape_rdn_value(value: str) -> str:
     """RFC 4514 escaping of an attribute value inside a DN."""
+    if not _RDN_SPECIAL.search(value):
+        return value
     out = []
     for i, ch in enumerate(value):
         if ch in ',+"\\<>;=' or (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):
