@@ -93,7 +93,10 @@ class ImportResult:
 
 def _ssha(code: str, algorithm: str = "sha512") -> str:
     salt = secrets.token_bytes(8)
-    digest = hashlib.new(algorithm, code.encode() + salt).digest()
+    data = code.encode() + salt
+    # The named constructors: hashlib.new looks the algorithm up at every call.
+    digest = (hashlib.sha512(data) if algorithm == "sha512" else hashlib.sha1(data)
+              if algorithm == "sha1" else hashlib.new(algorithm, data)).digest()
     label = "SSHA512" if algorithm == "sha512" else "SSHA"
     return "{" + label + "}" + base64.b64encode(digest + salt).decode("ascii")
 
@@ -157,6 +160,12 @@ class Directory:
     def apply(self, text: str) -> None:
         if text:
             self.t.run(["ldapmodify", *self._auth()], stdin=text.encode("utf-8"))
+
+    def apply_parts(self, parts: list[str]) -> None:
+        """:meth:`apply` of the parts joined, without the joined text's copy in memory."""
+        if parts:
+            self.t.run(["ldapmodify", *self._auth()],
+                       stdin=b"".join(part.encode("utf-8") for part in parts))
 
 
 def _same(name: str, a: list[str], b: list[str]) -> bool:
@@ -402,7 +411,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
     if cs.changes:
         progress(f"applying {cs.changes} change(s) in one ldapmodify")
         try:
-            directory.apply(cs.ldif)
+            directory.apply_parts(cs.ldif_parts)
         except UserError as exc:
             record["status"] = "failed"
             record["error"] = str(exc)

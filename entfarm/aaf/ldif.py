@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 Entry = dict[str, list[str]]
 
@@ -24,7 +24,7 @@ def parse(data: bytes, names: Iterable[str] = ()) -> dict[str, Entry]:
     if "\n " in text:
         text = _unfold(text)
     b64decode = base64.b64decode
-    for record in text.split("\n\n"):
+    for record in _split_records(text):
         dn: str | None = None
         entry: Entry = {}
         for line in record.split("\n"):
@@ -55,6 +55,18 @@ def parse(data: bytes, names: Iterable[str] = ()) -> dict[str, Entry]:
     return out
 
 
+def _split_records(text: str) -> Iterator[str]:
+    """Records one at a time (a list of all of them would double the peak memory)."""
+    start = 0
+    while True:
+        end = text.find("\n\n", start)
+        if end < 0:
+            yield text[start:]
+            return
+        yield text[start:end]
+        start = end + 2
+
+
 def _unfold(text: str) -> str:
     """Join continuation lines (a leading space) to their line, as the line reader did."""
     lines: list[str] = []
@@ -66,24 +78,27 @@ def _unfold(text: str) -> str:
     return "\n".join(lines)
 
 
+# A value written as is: ASCII without NUL, CR or LF, not starting with space, colon or "<",
+# not ending with a space (RFC 2849 SAFE-STRING); anything else is written base64.
+_SAFE = re.compile(r"(?![ :<])[\x01-\x09\x0b\x0c\x0e-\x7f]*(?<! )")
+
+
 def _safe(value: str) -> bool:
-    if not value:
-        return True
-    if value[0] in " :<" or value[-1] == " ":
-        return False
-    return value.isascii() and "\n" not in value and "\r" not in value and "\0" not in value
+    return _SAFE.fullmatch(value) is not None
 
 
 def line(name: str, value: str) -> str:
-    if _safe(value):
+    if _SAFE.fullmatch(value) is not None:
         return f"{name}: {value}\n"
     return f"{name}:: {base64.b64encode(value.encode('utf-8')).decode('ascii')}\n"
 
 
 def add(dn: str, entry: Entry) -> str:
+    safe = _SAFE.fullmatch
     parts = [line("dn", dn), "changetype: add\n"]
     for name, values in entry.items():
-        parts += [line(name, v) for v in values]
+        for v in values:
+            parts.append(f"{name}: {v}\n" if safe(v) is not None else line(name, v))
     return "".join(parts) + "\n"
 
 

@@ -77,12 +77,17 @@ class Desired:
     sid_uai: dict[str, str]  # onboarded structure id -> UAI
     skipped: Counter[str]  # UAI (not onboarded) -> persons skipped
     by_id: dict[str, str]  # AAF id -> jointure
+    _structure_dns: dict[str, str] = field(default_factory=dict, repr=False)
 
     def people_dn(self, login: str) -> str:
         return f"uid={escape_rdn_value(login)},ou=people,{self.base_dn}"
 
     def structure_dn(self, uai: str) -> str:
-        return f"ENTStructureUAI={escape_rdn_value(uai)},ou=structures,{self.base_dn}"
+        dn = self._structure_dns.get(uai)
+        if dn is None:
+            dn = self._structure_dns[uai] = (
+                f"ENTStructureUAI={escape_rdn_value(uai)},ou=structures,{self.base_dn}")
+        return dn
 
     def group_dn(self, cn: str) -> str:
         return f"cn={escape_rdn_value(cn)},ou=groups,{self.base_dn}"
@@ -212,7 +217,7 @@ def person_entry(d: Desired, p: Provisioned, logins: dict[str, str]) -> Entry:
         entry["ENTAuxEnsGroupes"] = _in(a.get("ENTAuxEnsGroupes", []), p.sids)
         entry["ENTAuxEnsMatiereEnseignEtab"] = _in(a.get("ENTAuxEnsMatiereEnseignEtab", []),
                                                    p.sids)
-    return {k: list(dict.fromkeys(v)) for k, v in entry.items() if v}
+    return {k: list(dict.fromkeys(v)) if len(v) > 1 else list(v) for k, v in entry.items() if v}
 
 
 def group_memberships(d: Desired, p: Provisioned) -> list[str]:
