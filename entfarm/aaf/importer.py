@@ -291,7 +291,9 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
                 (entry.get("givenName") or [""])[0], p.label, " ".join(classes), code))
             continue
         current_dn, current = by_jointure[jointure]
-        changes = _diff(current, entry, PERSON_ATTRIBUTES)
+        # Equal dicts (same names, same value lists; both hold only owned attributes and uid)
+        # need no attribute-by-attribute comparison: the common case of an unchanged person.
+        changes = {} if current == entry else _diff(current, entry, PERSON_ATTRIBUTES)
         if changes:
             cs.ldif_parts.append(ldif.modify(current_dn, changes))
             was_off = (current.get("ENTPersonEtat") or [""])[0] == "DESACTIVE"
