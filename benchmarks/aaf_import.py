@@ -257,8 +257,8 @@ def main() -> None:
     p.add_argument("--persons", type=int, default=100_000)
     p.add_argument("--lab", action="store_true", help="import into the lab directory container")
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: temp)")
-    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" /
-                   "aaf_import.json")
+    p.add_argument("--json", type=Path, default=None,
+                   help="results file (default: aaf_import.json in the scratch directory)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--export", help=argparse.SUPPRESS)
     p.add_argument("--inventory", help=argparse.SUPPRESS)
@@ -352,6 +352,7 @@ def main() -> None:
         print(f"{name:<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} {r['cpu_s']:6.1f} "
               f"{r['rss_mib']:13.0f} "
               f"{r.get('changes', '?'):>8}  {limit}, <= 1 GiB: {'MET' if ok else 'NOT MET'}")
+    args.json = args.json or work / "aaf_import.json"
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",
                          encoding="utf-8")
