@@ -91,7 +91,9 @@ def make_inventory(target: Path, persons: int, lab_text: str) -> int:
     return len(existing) + len(extra)
 
 
-def make_exports(inventory: Path, work: Path) -> tuple[Path, Path, dict[str, Any]]:
+def make_exports(inventory: Path, work: Path) -> tuple[Path, list[Path], dict[str, Any]]:
+    """The Complet directory, the Delta's files (added to it before the Delta import, as an
+    académie's export directory receives the next day's files) and their record counts."""
     from entfarm.aaf.generate import generate, generate_delta
     from entfarm.model import load_farm
 
@@ -103,13 +105,9 @@ def make_exports(inventory: Path, work: Path) -> tuple[Path, Path, dict[str, Any
     delta_only = work / "delta-only"
     d = generate_delta(complet, delta_only, date="20250902", seed=2, share=0.01,
                        prefix=farm.spec.academie.code)
-    with_delta = work / "with-delta"
-    shutil.copytree(complet, with_delta)
-    for f in d.files:
-        shutil.copy(f, with_delta / f.name)
     info = {"complet_records": full.counts, "delta_records": d.counts,
             "generate_s": round(time.monotonic() - t0, 1)}
-    return complet, with_delta, info
+    return complet, d.files, info
 
 
 # -- slapd ----------------------------------------------------------------------------------------
@@ -277,7 +275,7 @@ def main() -> None:
     inventory = work / "inventory"
     colleges = make_inventory(inventory, args.persons, lab_text)
     _say(f"generating exports for {colleges} collèges in {work}")
-    complet, with_delta, info = make_exports(inventory, work)
+    complet, delta_files, info = make_exports(inventory, work)
     _say(f"exports: {info}")
 
     server: Server | None = None
@@ -314,9 +312,12 @@ def main() -> None:
         _say("reference: slapadd -q")
         ref, entries = reference_slapadd(work, ldif_path.read_text(encoding="utf-8"))
         rows["slapadd"] = {"seconds": ref, "entries": entries}
-        for name, export in (("full", complet), ("no-change", complet), ("delta", with_delta)):
+        for name in ("full", "no-change", "delta"):
+            if name == "delta":
+                for f in delta_files:
+                    shutil.copy(f, complet / f.name)
             _say(f"import: {name}")
-            wall, rss, out, cpu = run_child(importer_argv(args, export, inventory, uri))
+            wall, rss, out, cpu = run_child(importer_argv(args, complet, inventory, uri))
             row: dict[str, Any] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss}
             if not args.lab:
                 row.update(json.loads(out))
