@@ -18,13 +18,15 @@ def parse(data: bytes, names: Iterable[str] = ()) -> dict[str, Entry]:
     canonical = {n.lower(): n for n in names}
     keys: dict[str, str] = {}  # name as written -> name to store ("" for the DN)
     out: dict[str, Entry] = {}
-    text = data.decode("utf-8", "replace")
-    if "\r" in text:
+    records: Iterator[str]
+    if b"\r" in data or b"\n " in data:
+        text = data.decode("utf-8", "replace")
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if "\n " in text:
-        text = _unfold(text)
+        records = _split_records(_unfold(text) if "\n " in text else text)
+    else:  # ldapsearch -o ldif-wrap=no: decode record by record, not a second copy of it all
+        records = (r.decode("utf-8", "replace") for r in _split_records_bytes(data))
     b64decode = base64.b64decode
-    for record in _split_records(text):
+    for record in records:
         dn: str | None = None
         entry: Entry = {}
         for line in record.split("\n"):
@@ -64,6 +66,17 @@ def _split_records(text: str) -> Iterator[str]:
             yield text[start:]
             return
         yield text[start:end]
+        start = end + 2
+
+
+def _split_records_bytes(data: bytes) -> Iterator[bytes]:
+    start = 0
+    while True:
+        end = data.find(b"\n\n", start)
+        if end < 0:
+            yield data[start:]
+            return
+        yield data[start:end]
         start = end + 2
 
 
