@@ -98,6 +98,7 @@ def test_every_public_name_serves_tls_chained_to_farm_ca(lab_farm: Farm,
             assert name in sans
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")  # on purpose
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1],
                          ids=["tls1.0", "tls1.1"])
 def test_old_tls_versions_are_refused_by_the_server(lab_farm: Farm,
@@ -151,7 +152,7 @@ def test_unknown_name_is_not_served(lab_farm: Farm) -> None:
 # -- the roles' verify suites, through testinfra, against the lab inventory ----------------------
 
 
-@pytest.mark.parametrize("role", ["common", "pki", "proxy"])
+@pytest.mark.parametrize("role", ["common", "pki", "proxy", "directory"])
 def test_verify_suite_passes_against_lab(lab_farm: Farm, role: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "entfarm.cli", "verify", "-i", str(lab_farm.inventory_dir), role],
