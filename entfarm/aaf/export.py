@@ -9,9 +9,6 @@ because people's ``$``-composite values are keyed by the AAF structure id.
 from __future__ import annotations
 
 import gc
-import hashlib
-import os
-import pickle
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -306,87 +303,25 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def load(directory: Path, progress: Callable[[str], None] | None = None, *,
-         cache: Path | None = None, update_cache: bool = True) -> Export:
+def load(directory: Path, progress: Callable[[str], None] | None = None) -> Export:
     """Read and apply an export directory, collecting every problem (never raising on them).
 
-    With ``cache`` (a file in the farm's private state directory), the state after the Complet
-    files is kept there, keyed by their paths and contents, so that the next import of the
-    same Complet (with or without later Deltas) does not parse it again. It only replaces
-    parsing identical input: the directory is still read and compared in full.
+    Nothing read is kept on disk: an export holds personal data (minors' included), which the
+    controller must not accumulate beyond the directory's own retention rules.
     """
     with no_gc():
-        return _load(directory, progress, cache, update_cache)
+        return _load(directory, progress)
 
 
-_CACHE_FORMAT = b"entfarm-aaf-complet-1"
-_Snapshot = tuple[dict[str, Attrs], dict[str, str], dict[str, Person], set[str],
-                  list[AafProblem], Counter[str], Counter[str], bool]
-
-
-def _cache_key(files: list[ExportFile]) -> bytes:
-    h = hashlib.blake2b(_CACHE_FORMAT)
-    for f in files:
-        with open(f.path, "rb") as fh:
-            digest = hashlib.file_digest(fh, "blake2b").digest()
-        h.update(f"{f.path}\0{len(digest)}\0".encode() + digest)
-    return h.digest()
-
-
-def _read_cache(cache: Path, key: bytes) -> _Snapshot | None:
-    try:
-        with open(cache, "rb") as fh:
-            if pickle.load(fh) != key:
-                return None
-            snapshot: _Snapshot = pickle.load(fh)
-            return snapshot
-    except Exception:  # a missing, stale or damaged cache only means parsing again
-        return None
-
-
-def _write_cache(cache: Path, key: bytes, snapshot: _Snapshot) -> None:
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = cache.with_name(cache.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(key, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            pickle.dump(snapshot, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # the cache is an optimisation; the import itself does not depend on it
-
-
-def _load(directory: Path, progress: Callable[[str], None] | None, cache: Path | None,
-          update_cache: bool) -> Export:
+def _load(directory: Path, progress: Callable[[str], None] | None) -> Export:
     files, problems = scan(directory)
     applied, ignored, plan_problems = plan(files)
     export = Export(directory=directory, files=applied, ignored_files=ignored,
                     problems=problems + plan_problems)
-    complet = [f for f in applied if f.kind == "Complet"]  # the first ones, see plan()
-    key = _cache_key(complet) if cache is not None and complet else None
-    snapshot = _read_cache(cache, key) if cache is not None and key is not None else None
-    start = 0
-    if snapshot is not None:
-        if progress:
-            progress(f"{len(complet)} Complet file(s) unchanged since they were last read: "
-                     "taken from the parse cache")
-        (export.structures, export.structure_files, export.persons, export.deleted, found,
-         export.records, export.nomenclature, export.has_delta) = snapshot
-        export.problems += found
-        start = len(complet)
     for n, f in enumerate(applied, 1):
-        if n <= start:
-            continue
         if progress:
             progress(f"reading {f.path.name} ({n} of {len(applied)})")
         _apply_file(export, f)
-        if n == len(complet) and key is not None and cache is not None and update_cache:
-            before = len(problems) + len(plan_problems)
-            _write_cache(cache, key, (
-                export.structures, export.structure_files, export.persons, export.deleted,
-                export.problems[before:], export.records, export.nomenclature,
-                export.has_delta))
     _check_references(export)
     return export
 

@@ -385,8 +385,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
     t0 = time.monotonic()
     # The directory is read while the export is parsed; compute() takes these results.
     directory.prefetch(reads(farm.spec.academie.base_dn))
-    export = load(path, progress=progress, update_cache=not dry_run,
-                  cache=farm.state_dir / "aaf" / "cache" / "complet.pickle")
+    export = load(path, progress=progress)
     timings["read"] = time.monotonic() - t0
     if export.blocking:
         shown = "\n".join(p.render() for p in export.blocking[:20])
