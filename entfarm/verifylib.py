@@ -31,3 +31,21 @@ def only_in_group(host: Any, group: str) -> None:
     groups = host.ansible.get_variables().get("group_names", [])
     if group not in groups:
         pytest.skip(f"not applicable: {host.backend.get_pytest_id()} is not in the {group} group")
+
+
+def role_suite(role: str, group: str | None = None) -> tuple[Any, Any]:
+    """The two things every role suite starts with: an autouse fixture keeping the suite to the
+    role's group (when it has one), and ``fact(host)`` reading the role's local fact.
+
+        _hosts_only, fact = role_suite("cas", group="cas")
+    """
+
+    @pytest.fixture(autouse=True)
+    def _hosts_only(host: Any) -> None:
+        if group is not None:
+            only_in_group(host, group)
+
+    def fact(host: Any) -> dict[str, Any]:
+        return read_fact(host, role)
+
+    return _hosts_only, fact

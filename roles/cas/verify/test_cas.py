@@ -19,20 +19,13 @@ from urllib.parse import urlencode
 
 import pytest
 
-from entfarm.verifylib import only_in_group, read_fact
+from entfarm.verifylib import role_suite
 
 UNREGISTERED_SERVICE = "https://evil.example/"
 PORTAL_SERVICE = "lemonldap-ng-fastcgi-server"
 
 
-@pytest.fixture(autouse=True)
-def _cas_hosts_only(host: Any) -> None:
-    """Against an inventory, the suite concerns the hosts of the cas group only."""
-    only_in_group(host, "cas")
-
-
-def fact(host: Any) -> dict[str, Any]:
-    return read_fact(host, "cas")
+_hosts_only, fact = role_suite("cas", group="cas")
 
 
 def registered_service(host: Any) -> str:

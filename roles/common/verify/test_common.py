@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 
-from entfarm.verifylib import read_fact
+from entfarm.verifylib import role_suite
 
 FACT = "/etc/ansible/facts.d/common.fact"
 
 
-def fact(host: Any) -> dict[str, Any]:
-    return read_fact(host, "common")
+_, fact = role_suite("common")
 
 
 def test_fact_present(host: Any) -> None:

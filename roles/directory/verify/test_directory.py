@@ -15,19 +15,12 @@ from typing import Any
 
 import pytest
 
-from entfarm.verifylib import only_in_group, read_fact
+from entfarm.verifylib import read_fact, role_suite
 
 ROOT_SEARCH = "ldapsearch -Q -LLL -Y EXTERNAL -H ldapi:///"
 
 
-@pytest.fixture(autouse=True)
-def _directory_hosts_only(host: Any) -> None:
-    """Against an inventory, the suite concerns the hosts of the directory group only."""
-    only_in_group(host, "directory")
-
-
-def fact(host: Any) -> dict[str, Any]:
-    return read_fact(host, "directory")
+_hosts_only, fact = role_suite("directory", group="directory")
 
 
 def pki_ca(host: Any) -> str:

@@ -12,13 +12,12 @@ from typing import Any
 
 import pytest
 
-from entfarm.verifylib import read_fact
+from entfarm.verifylib import role_suite
 
 FACT = "/etc/ansible/facts.d/pki.fact"
 
 
-def fact(host: Any) -> dict[str, Any]:
-    return read_fact(host, "pki")
+_, fact = role_suite("pki")
 
 
 def q(path: str) -> str:

@@ -15,21 +15,14 @@ from typing import Any
 
 import pytest
 
-from entfarm.verifylib import only_in_group, read_fact
+from entfarm.verifylib import role_suite
 
 FACT = "/etc/ansible/facts.d/proxy.fact"
 PKI_FACT = "/etc/ansible/facts.d/pki.fact"
 UNKNOWN_NAME = "unknown.entfarm.invalid"
 
 
-@pytest.fixture(autouse=True)
-def _proxies_only(host: Any) -> None:
-    """Against an inventory, the suite concerns the hosts of the proxy group only."""
-    only_in_group(host, "proxy")
-
-
-def fact(host: Any) -> dict[str, Any]:
-    return read_fact(host, "proxy")
+_hosts_only, fact = role_suite("proxy", group="proxy")
 
 
 def names(host: Any) -> list[str]:
