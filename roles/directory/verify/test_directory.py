@@ -214,3 +214,12 @@ def test_slapcat_timer_enabled(host: Any) -> None:
     assert timer.is_enabled
     assert timer.is_running
     assert host.file(fact(host)["backup_paths"][0]).is_directory
+
+
+def test_slapcat_can_export_the_directory(host: Any) -> None:
+    """The nightly export's tool reads the configuration and the database (read-only: the
+    output goes nowhere). slapcat once failed on a password scheme set before its module."""
+    base = fact(host)["base_dn"]
+    cmd = host.run(f"slapcat -F /etc/ldap/slapd.d -b {shlex.quote(base)} "
+                   "-a '(objectClass=dcObject)' > /dev/null")
+    assert cmd.rc == 0, cmd.stderr
