@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 DEBIAN_SOURCES = """\
 Types: deb
-# http://snapshot.debian.org/archive/debian/20250520T000000Z
+# http://snapshot.example.org/archive/debian/20250520T000000Z
 URIs: http://mirror.example.org/debian/
 Suites: bookworm bookworm-updates
 Components: main contrib
@@ -33,7 +33,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 NODESOURCE = """\
 Types: deb
-URIs: https://deb.nodesource.com/node_20.x
+URIs: https://nodejs.example.com/node_20.x
 Suites: nodistro
 Components: main
 Architectures: amd64
@@ -54,7 +54,7 @@ def test_mirror_from_deb822_skips_third_party_and_deb_src(tmp_path: Path) -> Non
         "sources.list.d/nodesource.sources": NODESOURCE,
         "sources.list.d/debian.sources": DEBIAN_SOURCES,
         "sources.list.d/google-cloud-sdk.list":
-            "deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main\n",
+            "deb https://cloud-sdk.example.com/apt cloud-sdk-bookworm main\n",
     })
     mirror = lab.find_mirror(etc)
     assert mirror == lab.Mirror(
@@ -67,7 +67,7 @@ def test_mirror_from_deb822_skips_third_party_and_deb_src(tmp_path: Path) -> Non
 
 def test_third_party_listed_first_is_not_taken_for_debian(tmp_path: Path) -> None:
     etc = write(tmp_path, {
-        "sources.list": "deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main\n",
+        "sources.list": "deb https://cloud-sdk.example.com/apt cloud-sdk-bookworm main\n",
         "sources.list.d/aaa-nodesource.sources": NODESOURCE,
         "sources.list.d/debian.sources": DEBIAN_SOURCES,
     })
@@ -79,15 +79,15 @@ def test_mirror_from_one_line_format_with_options_and_comments(tmp_path: Path) -
 # deb http://commented.example.org/debian bookworm main
 deb-src http://src.example.org/debian bookworm main
 deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
-http://ftp.fr.debian.org/debian bookworm main non-free-firmware  # the main archive
-deb http://ftp.fr.debian.org/debian bookworm-updates main
-deb http://security.debian.org/debian-security bookworm-security main
+http://ftp.example.net/debian bookworm main non-free-firmware  # the main archive
+deb http://ftp.example.net/debian bookworm-updates main
+deb http://security.example.net/debian-security bookworm-security main
 """})
     mirror = lab.find_mirror(etc)
-    assert mirror.main == "http://ftp.fr.debian.org/debian"
+    assert mirror.main == "http://ftp.example.net/debian"
     assert mirror.components == ("main", "non-free-firmware")
-    assert mirror.updates == "http://ftp.fr.debian.org/debian"
-    assert mirror.security == "http://security.debian.org/debian-security"
+    assert mirror.updates == "http://ftp.example.net/debian"
+    assert mirror.security == "http://security.example.net/debian-security"
 
 
 def test_disabled_stanzas_and_files_apt_ignores_are_skipped(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_disabled_stanzas_and_files_apt_ignores_are_skipped(tmp_path: Path) -> N
 def test_no_bookworm_source_is_a_user_error(tmp_path: Path) -> None:
     etc = write(tmp_path, {
         "sources.list.d/nodesource.sources": NODESOURCE,
-        "sources.list": "deb http://deb.debian.org/debian bullseye main\n",
+        "sources.list": "deb http://archive.example.net/debian bullseye main\n",
     })
     with pytest.raises(lab.LabError, match="no Debian bookworm mirror"):
         lab.find_mirror(etc)
