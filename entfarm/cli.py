@@ -82,9 +82,9 @@ def inventory(inventory: str | None, as_list: bool, host: str | None) -> None:
 @cli.command()
 def schema() -> None:
     """Print the JSON Schema of farm.yml (for editors)."""
-    from .model import json_schema
+    from .model import schema_text
 
-    click.echo(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+    click.echo(schema_text(), nl=False)
 
 
 # -- lab ----------------------------------------------------------------------------------------

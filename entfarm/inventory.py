@@ -88,15 +88,13 @@ def host_vars(farm: Farm) -> dict[str, dict[str, Any]]:
             hv["entfarm_etablissement"] = etabs[host.etablissement].model_dump()
         # Address other hosts use to reach this one on the farm network (lab: Docker DNS alias).
         hv["entfarm_address"] = host.name if farm.kind == "lab" else (host.address or host.name)
-        if farm.kind == "lab":
+        reach = farm.reach(host)
+        if reach.connection == "docker":
             hv["ansible_connection"] = "community.docker.docker"
-            hv["ansible_host"] = farm.container_name(host.name)
-            hv["ansible_user"] = "root"
-        else:
-            hv["ansible_host"] = host.address or host.name
-            hv["ansible_user"] = farm.spec.farm.ssh_user
-            if farm.spec.farm.ssh_user != "root":
-                hv["ansible_become"] = True
+        hv["ansible_host"] = reach.target
+        hv["ansible_user"] = reach.user
+        if reach.user != "root":
+            hv["ansible_become"] = True
         out[host.name] = hv
     return out
 

@@ -13,7 +13,6 @@ import datetime
 import difflib
 import json
 import re
-import sys
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -294,6 +293,15 @@ class FarmHost:
     etablissement: str | None = None  # UAI, for school servers
 
 
+@dataclass(frozen=True)
+class Reach:
+    """How the controller reaches a host: the lab's container, or SSH in production."""
+
+    connection: Literal["docker", "ssh"]
+    target: str  # container name, or the address to SSH to
+    user: str
+
+
 class Farm:
     """A validated farm, with the derived views every other module uses."""
 
@@ -357,6 +365,12 @@ class Farm:
     def container_name(self, host: str) -> str:
         """Lab container of a host."""
         return f"entfarm-{self.name}-{host}"
+
+    def reach(self, host: FarmHost) -> Reach:
+        """The one answer to "how do we get to this host", for Ansible and for our own tools."""
+        if self.kind == "lab":
+            return Reach("docker", self.container_name(host.name), "root")
+        return Reach("ssh", host.address or host.name, self.spec.farm.ssh_user)
 
     def public_names(self, service: str) -> list[str]:
         """Public FQDNs of a service, [] when the proxy does not publish it."""
@@ -845,9 +859,3 @@ def json_schema() -> dict[str, Any]:
 def schema_text() -> str:
     """The committed schema/farm.schema.json, byte for byte (same as `entfarm schema`)."""
     return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["--schema"]:
-        sys.exit("usage: python -m entfarm.model --schema > schema/farm.schema.json")
-    sys.stdout.write(schema_text())

@@ -89,9 +89,10 @@ class Progress:
 ProgressCallback = Callable[[str, Progress, dict[str, Any]], None]
 
 
-def _new_run_dir(farm: Farm, playbook: str) -> Path:
+def new_run_dir(farm: Farm, what: str) -> Path:
+    """A fresh ``<inventory>/state/runs/<timestamp>-<what>/`` for one run's records."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    run_dir = farm.state_dir / "runs" / f"{stamp}-{Path(playbook).stem}"
+    run_dir = farm.state_dir / "runs" / f"{stamp}-{what}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
 
@@ -115,7 +116,7 @@ def run_playbook(
     root = project_root()
     if not (root / playbook).is_file():
         raise UserError(f"no playbook {playbook} in {root}")
-    run_dir = _new_run_dir(farm, playbook)
+    run_dir = new_run_dir(farm, Path(playbook).stem)
     events_file = (run_dir / "events.jsonl").open("w", encoding="utf-8")
     progress = Progress()
     result = RunResult(playbook, run_dir, "starting", -1)

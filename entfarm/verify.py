@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 
 from .errors import UserError
 from .model import Farm
-from .runner import project_root
+from .runner import new_run_dir, project_root
 
 
 def verify_suites(roles: list[str]) -> list[str]:
@@ -35,9 +34,7 @@ def run_verify(farm: Farm, roles: list[str], limit: str = "all",
                extra_args: list[str] | None = None) -> int:
     """Run pytest in a child process; returns its exit code. The report goes to the run dir."""
     root = project_root()
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    run_dir = farm.state_dir / "runs" / f"{stamp}-verify"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = new_run_dir(farm, "verify")
     # testinfra's Ansible backend calls ansible-inventory: use the one installed beside us.
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, ANSIBLE_CONFIG=str(root / "ansible.cfg"),

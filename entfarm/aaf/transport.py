@@ -65,11 +65,9 @@ def for_farm(farm: Farm) -> LocalTransport:
     placement = farm.spec.services.get("directory")
     if placement is None:
         raise UserError(f"{farm.file}: no services.directory; the AAF import needs a directory")
-    host = placement.hosts[0]
-    if farm.kind == "lab":
-        return LocalTransport(prefix=["docker", "exec", "-i", farm.container_name(host)])
-    declared = {h.name: h for h in farm.spec.hosts}
-    address = declared[host].address if host in declared and declared[host].address else host
+    host = next(h for h in farm.hosts() if h.name == placement.hosts[0])
+    reach = farm.reach(host)
+    if reach.connection == "docker":
+        return LocalTransport(prefix=["docker", "exec", "-i", reach.target])
     return LocalTransport(
-        prefix=["ssh", "-o", "BatchMode=yes", f"{farm.spec.farm.ssh_user}@{address}", "--"],
-        quote=True)
+        prefix=["ssh", "-o", "BatchMode=yes", f"{reach.user}@{reach.target}", "--"], quote=True)

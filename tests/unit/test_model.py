@@ -118,12 +118,12 @@ def test_every_catalogue_service_placed_in_lab(lab: Farm) -> None:
 def test_committed_schema_is_generated_from_the_model() -> None:
     committed = (REPO / "schema" / "farm.schema.json").read_text(encoding="utf-8")
     assert committed == schema_text(), (
-        "schema/farm.schema.json is stale: python -m entfarm.model --schema > "
+        "schema/farm.schema.json is stale: entfarm schema > "
         "schema/farm.schema.json")
 
 
-def test_schema_module_entry_point() -> None:
-    out = subprocess.run([sys.executable, "-m", "entfarm.model", "--schema"], cwd=REPO,
+def test_schema_command_prints_the_committed_schema() -> None:
+    out = subprocess.run([sys.executable, "-m", "entfarm.cli", "schema"], cwd=REPO,
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert out == schema_text()
 
