@@ -29,10 +29,12 @@ from .mapping import (
     AAF_GROUP,
     GROUP_ATTRIBUTES,
     PERSON_ATTRIBUTES,
+    PERSON_STATE_ATTRIBUTES,
     STRUCTURE_ATTRIBUTES,
     Desired,
     allocate_logins,
     desired_state,
+    digest,
     group_memberships,
     person_entry,
 )
@@ -41,6 +43,10 @@ from .transport import Transport
 Progress = Callable[[str], None]
 Query = tuple[str, str, tuple[str, ...], str]  # base, filter, attributes, scope
 CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+# Persons whose entries are read one filter at a time (OR of their jointures) when their digest
+# changed; past this share of the directory, one search of every person is cheaper.
+_TARGETED_READ_CHUNK = 200
+_TARGETED_READ_MAX_SHARE = 0.2
 _UAI_IN_DN = re.compile(r"^ENTStructureUAI=([^,]+),", re.IGNORECASE)
 
 
@@ -152,6 +158,16 @@ class Directory:
                           "-s", scope, "-b", base, filt, *attrs], ok=(0, 32))
         return ldif.parse(out, attrs)
 
+    def people_by_jointure(self, jointures: list[str], attrs: tuple[str, ...]
+                           ) -> dict[str, ldif.Entry]:
+        """Person entries by ENTPersonJointure (an equality index), a chunk per search."""
+        out: dict[str, ldif.Entry] = {}
+        for i in range(0, len(jointures), _TARGETED_READ_CHUNK):
+            terms = "".join(f"(ENTPersonJointure={_filter_escape(j)})"
+                            for j in jointures[i:i + _TARGETED_READ_CHUNK])
+            out.update(self._search(f"ou=people,{self.base}", f"(|{terms})", attrs, "one"))
+        return out
+
     def dump(self) -> bytes:
         """Everything under the base DN (tests compare dumps before and after)."""
         return self.t.run(["ldapsearch", "-LLL", *self._auth(), "-o", "ldif-wrap=no",
@@ -166,6 +182,11 @@ class Directory:
         if parts:
             self.t.run(["ldapmodify", *self._auth()],
                        stdin=b"".join(part.encode("utf-8") for part in parts))
+
+
+def _filter_escape(value: str) -> str:
+    """RFC 4515 escaping of an assertion value."""
+    return "".join(f"\\{ord(c):02x}" if c in "*()\\\0" else c for c in value)
 
 
 def _same(name: str, a: list[str], b: list[str]) -> bool:
@@ -192,15 +213,17 @@ def _uais_of(entry: ldif.Entry) -> list[str]:
     return list(dict.fromkeys(out)) or ["?"]
 
 
-def reads(base: str) -> list[Query]:
+def reads(base: str, full_compare: bool = False) -> list[Query]:
     """The searches :func:`compute` makes: top containers, the base, people, structures, groups.
 
-    Only the attributes the importer owns (and uid) are read.
+    Only the attributes the importer owns (and uid) are read; of people, only their state and
+    digest unless ``full_compare`` (the entries of people whose digest changed are read after).
     """
+    people_attrs = (*PERSON_ATTRIBUTES, "uid") if full_compare else PERSON_STATE_ATTRIBUTES
     return [
         (base, "(objectClass=organizationalUnit)", ("ou",), "one"),
         (base, "(objectClass=*)", ("dn",), "base"),
-        (f"ou=people,{base}", "(ENTPersonJointure=*)", (*PERSON_ATTRIBUTES, "uid"), "one"),
+        (f"ou=people,{base}", "(ENTPersonJointure=*)", people_attrs, "one"),
         (f"ou=structures,{base}", "(objectClass=ENTStructure)", STRUCTURE_ATTRIBUTES, "one"),
         (f"ou=groups,{base}", "(objectClass=groupOfNames)", GROUP_ATTRIBUTES, "one"),
     ]
@@ -208,13 +231,18 @@ def reads(base: str) -> list[Query]:
 
 def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetime,
             max_deactivate: float, force: bool, remembered: dict[str, str],
-            progress: Progress) -> ChangeSet:
-    """The change set; raises ImportRefused before anything is written."""
+            progress: Progress, full_compare: bool = False) -> ChangeSet:
+    """The change set; raises ImportRefused before anything is written.
+
+    A person whose stored digest (ENTPersonEmpreinte) equals the digest of what the export says
+    is up to date and is neither rebuilt nor read in full; ``full_compare`` compares every
+    attribute of every person instead (it also repairs entries edited by hand).
+    """
     base = farm.spec.academie.base_dn
     d: Desired = desired_state(export, farm)
     cs = ChangeSet(skipped=d.skipped)
     progress(f"reading the directory ({directory.t.describe()})")
-    q_tops, q_base, q_people, q_structures, q_groups = reads(base)
+    q_tops, q_base, q_people, q_structures, q_groups = reads(base, full_compare)
     tops = directory.search(*q_tops)
     have_base = directory.search(*q_base)
     if not have_base:
@@ -271,28 +299,42 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
 
     members: dict[str, list[str]] = {}
     gen = _generalized(now)
+    stale: list[tuple[str, str, ldif.Entry]] = []  # jointure, uai, desired entry
     for n, (jointure, p) in enumerate(sorted(d.people.items()), 1):
         if n % 20000 == 0:
             progress(f"comparing persons ({n} of {len(d.people)})")
-        entry = person_entry(d, p, logins)
         dn = d.people_dn(logins[jointure])
-        uai = d.sid_uai[p.sids[0]]
         for cn in group_memberships(d, p):
             members.setdefault(cn, []).append(dn)
-        if jointure not in by_jointure:
-            code = _code()
-            entry["ENTPersonCodeActivation"] = [_ssha(code)]
-            entry["userPassword"] = [_ssha(code, "sha1")]
-            cs.ldif_parts.append(ldif.add(dn, entry))
-            cs.count("people add", uai)
-            classes = [v.split("$", 1)[1] for v in entry.get("ENTEleveClasses", [])]
-            cs.new_accounts.append(NewAccount(
-                [d.sid_uai[s] for s in p.sids], logins[jointure], entry["sn"][0],
-                (entry.get("givenName") or [""])[0], p.label, " ".join(classes), code))
+        fingerprint = digest(d, p, logins)
+        known = by_jointure.get(jointure)
+        if known is not None and not full_compare:
+            state = known[1]
+            if ((state.get("ENTPersonEmpreinte") or [""])[0] == fingerprint
+                    and (state.get("ENTPersonEtat") or [""])[0] != "DESACTIVE"):
+                continue
+        entry = person_entry(d, p, logins, fingerprint)
+        uai = d.sid_uai[p.sids[0]]
+        if known is not None:
+            stale.append((jointure, uai, entry))
             continue
-        current_dn, current = by_jointure[jointure]
+        code = _code()
+        entry["ENTPersonCodeActivation"] = [_ssha(code)]
+        entry["userPassword"] = [_ssha(code, "sha1")]
+        cs.ldif_parts.append(ldif.add(dn, entry))
+        cs.count("people add", uai)
+        classes = [v.split("$", 1)[1] for v in entry.get("ENTEleveClasses", [])]
+        cs.new_accounts.append(NewAccount(
+            [d.sid_uai[s] for s in p.sids], logins[jointure], entry["sn"][0],
+            (entry.get("givenName") or [""])[0], p.label, " ".join(classes), code))
+
+    current_of = _current_entries(directory, q_people[0], stale, by_jointure, full_compare,
+                                  progress)
+    for jointure, uai, entry in stale:
+        current_dn = by_jointure[jointure][0]
+        current = current_of.get(current_dn, {})
         # Equal dicts (same names, same value lists; both hold only owned attributes and uid)
-        # need no attribute-by-attribute comparison: the common case of an unchanged person.
+        # need no attribute-by-attribute comparison.
         changes = {} if current == entry else _diff(current, entry, PERSON_ATTRIBUTES)
         if changes:
             cs.ldif_parts.append(ldif.modify(current_dn, changes))
@@ -333,6 +375,21 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     return cs
 
 
+def _current_entries(directory: Directory, people_base: str,
+                     stale: list[tuple[str, str, ldif.Entry]],
+                     by_jointure: dict[str, tuple[str, ldif.Entry]], full_compare: bool,
+                     progress: Progress) -> dict[str, ldif.Entry]:
+    """DN -> owned attributes of the persons to compare attribute by attribute."""
+    if full_compare or not stale:
+        return {dn: e for dn, e in by_jointure.values()}
+    attrs = (*PERSON_ATTRIBUTES, "uid")
+    if len(stale) > _TARGETED_READ_MAX_SHARE * len(by_jointure):
+        progress(f"reading {len(by_jointure)} person entries in full ({len(stale)} changed)")
+        return directory.search(people_base, "(ENTPersonJointure=*)", attrs, "one")
+    progress(f"reading {len(stale)} changed person entries in full")
+    return directory.people_by_jointure([j for j, _u, _e in stale], attrs)
+
+
 def _read_logins(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
@@ -370,21 +427,22 @@ def write_distribution(state: Path, accounts: list[NewAccount], stamp: str) -> l
 
 def run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool = False,
                force: bool = False, max_deactivate: float = 0.10,
-               now: dt.datetime | None = None, progress: Progress = lambda _line: None
-               ) -> ImportResult:
+               now: dt.datetime | None = None, progress: Progress = lambda _line: None,
+               full_compare: bool = False) -> ImportResult:
     with no_gc():
         return _run_import(path, farm, directory, dry_run=dry_run, force=force,
-                           max_deactivate=max_deactivate, now=now, progress=progress)
+                           max_deactivate=max_deactivate, now=now, progress=progress,
+                           full_compare=full_compare)
 
 
 def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                 force: bool, max_deactivate: float, now: dt.datetime | None,
-                progress: Progress) -> ImportResult:
+                progress: Progress, full_compare: bool) -> ImportResult:
     now = now or dt.datetime.now(dt.UTC)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     # The directory is read while the export is parsed; compute() takes these results.
-    directory.prefetch(reads(farm.spec.academie.base_dn))
+    directory.prefetch(reads(farm.spec.academie.base_dn, full_compare))
     export = load(path, progress=progress)
     timings["read"] = time.monotonic() - t0
     if export.blocking:
@@ -398,7 +456,8 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
     logins_file = state / "aaf" / "logins.json"
     t1 = time.monotonic()
     cs = compute(export, farm, directory, now=now, max_deactivate=max_deactivate, force=force,
-                 remembered=_read_logins(logins_file), progress=progress)
+                 remembered=_read_logins(logins_file), progress=progress,
+                 full_compare=full_compare)
     timings["compare"] = time.monotonic() - t1
     if dry_run:
         return ImportResult(cs, False, None, [], timings)
@@ -408,7 +467,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
         "started": now.isoformat(), "export": str(path),
         "files": [f.path.name for f in export.files], "counts": dict(cs.counts),
         "per_uai": {u: dict(c) for u, c in cs.per_uai.items()}, "skipped": dict(cs.skipped),
-        "force": force, "max_deactivate": max_deactivate,
+        "force": force, "max_deactivate": max_deactivate, "full_compare": full_compare,
     }
     if cs.changes:
         progress(f"applying {cs.changes} change(s) in one ldapmodify")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections import Counter
@@ -26,7 +27,16 @@ PERSON_ATTRIBUTES = (
     "ENTPersonFonctions", "ENTPersonNomPatro", "ENTPersonDateNaissance", "ENTPersonEtat",
     "ENTPersonDateDesactivation", "ENTEleveClasses", "ENTEleveGroupes", "ENTEleveMEF",
     "ENTEleveParents", "ENTEleveStructRattachId", "ENTAuxPersRelEleveEleve", "ENTAuxEnsClasses",
-    "ENTAuxEnsGroupes", "ENTAuxEnsMatiereEnseignEtab",
+    "ENTAuxEnsGroupes", "ENTAuxEnsMatiereEnseignEtab", "ENTPersonEmpreinte",
+)
+# Bumped whenever person_entry() changes what it builds from the same inputs: every stored
+# digest then differs, and the next import compares (and rewrites) every person once.
+MAPPING_VERSION = "1"
+# What an import reads of each person when digests are trusted: enough to allocate logins,
+# guard deactivations, deactivate and purge, and to know whether the entry is up to date.
+PERSON_STATE_ATTRIBUTES = (
+    "ENTPersonJointure", "ENTPersonLogin", "uid", "ENTPersonEtat", "ENTPersonDateDesactivation",
+    "ENTPersonEtablissements", "ENTPersonStructRattach", "ENTPersonEmpreinte",
 )
 STRUCTURE_ATTRIBUTES = ("objectClass", "ou", "ENTStructureUAI", "ENTStructureJointure",
                         "ENTStructureNomCourant", "ENTStructureTypeStruct",
@@ -169,13 +179,34 @@ def _in(values: list[str], sids: list[str]) -> list[str]:
     return [v for v in values if v.split("$", 1)[0] in sids]
 
 
-def person_entry(d: Desired, p: Provisioned, logins: dict[str, str]) -> Entry:
-    """The entry of a provisioned person, its DN-valued attributes resolved through logins."""
+def digest(d: Desired, p: Provisioned, logins: dict[str, str]) -> str:
+    """Digest of every input of :func:`person_entry` for this person (stored in the entry as
+    ENTPersonEmpreinte): equal digests mean equal entries, without building either.
+
+    Fields are joined with the ASCII separators RS and US, which XML 1.0 cannot carry, so the
+    encoding is unambiguous and stable across Python versions (unlike repr or marshal)."""
+    by_id = d.by_id
+    parents = [f"{i}={logins[by_id[i]]}" for i in p.parents if i in by_id]
+    children = [f"{i}={logins[by_id[i]]}" for i in p.children if i in by_id]
+    fields = [
+        MAPPING_VERSION, d.base_dn, p.jointure, p.person.category, logins[p.jointure],
+        "\x1f".join(p.sids), "\x1f".join(d.sid_uai[s] for s in p.sids), "\x1f".join(p.profiles),
+        "\x1f".join(parents), "\x1f".join(children),
+        *(f"{k}\x1f" + "\x1f".join(v) for k, v in sorted(p.person.attrs.items())),
+    ]
+    return hashlib.blake2b("\x1e".join(fields).encode(), digest_size=16).hexdigest()
+
+
+def person_entry(d: Desired, p: Provisioned, logins: dict[str, str],
+                 fingerprint: str | None = None) -> Entry:
+    """The entry of a provisioned person, its DN-valued attributes resolved through logins.
+
+    ``fingerprint``: its :func:`digest`, computed by the caller when it already has it."""
     a = p.person.attrs
     given = (a.get("givenName") or [""])[0]
     sn = (a.get("sn") or a.get("ENTPersonNomPatro") or ["?"])[0]
     login = logins[p.jointure]
-    classes = ["inetOrgPerson", "ENTPerson"]
+    classes = ["inetOrgPerson", "ENTPerson", "ENTPersonImport"]
     if "National_ELV" in p.profiles:
         classes.append("ENTEleve")
     if "National_TUT" in p.profiles:
@@ -201,6 +232,7 @@ def person_entry(d: Desired, p: Provisioned, logins: dict[str, str]) -> Entry:
         "ENTPersonNomPatro": a.get("ENTPersonNomPatro", [])[:1],
         "ENTPersonDateNaissance": a.get("ENTPersonDateNaissance", [])[:1],
         "ENTPersonEtat": ["ACTIF"],
+        "ENTPersonEmpreinte": [fingerprint or digest(d, p, logins)],
     }
     if "National_ELV" in p.profiles:
         entry["ENTEleveClasses"] = _in(a.get("ENTEleveClasses", []), p.sids)

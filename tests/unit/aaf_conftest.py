@@ -15,17 +15,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from entfarm.aaf.importer import Directory
 from entfarm.aaf.transport import LocalTransport
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEMA = REPO / "roles" / "directory" / "files" / "schema" / "entfarm-sdet.ldif"
+SCHEMA_DIR = REPO / "roles" / "directory" / "files" / "schema"
+# The schema and its evolutions, in the order roles/directory loads them.
+SCHEMAS = [SCHEMA_DIR / f"{name}.ldif" for name in yaml.safe_load(
+    (REPO / "roles" / "directory" / "vars" / "main.yml").read_text())["directory__schemas"]]
 SLAPD = Path("/usr/sbin/slapd")
 _counter = itertools.count(1)
 
 
 def _config(root: Path, identity: str) -> str:
+    ours = "\n".join(f"include: file://{path}\n" for path in SCHEMAS)
     schemas = "".join(f"include: file:///etc/ldap/schema/{name}.ldif\n\n"
                       for name in ("core", "cosine", "nis", "inetorgperson"))
     return f"""dn: cn=config
@@ -44,7 +49,7 @@ dn: cn=schema,cn=config
 objectClass: olcSchemaConfig
 cn: schema
 
-{schemas}include: file://{SCHEMA}
+{schemas}{ours}
 
 dn: olcDatabase={{-1}}frontend,cn=config
 objectClass: olcDatabaseConfig
@@ -90,8 +95,9 @@ class Slapd:
 def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
     if not SLAPD.exists() or shutil.which("ldapmodify") is None:
         pytest.skip("not verifiable: slapd not installed (apt-get install slapd ldap-utils)")
-    if not SCHEMA.exists():
-        pytest.skip(f"not verifiable: {SCHEMA.relative_to(REPO)} missing")
+    for path in SCHEMAS:
+        if not path.exists():
+            pytest.skip(f"not verifiable: {path.relative_to(REPO)} missing")
     root = tmp_path_factory.mktemp("slapd")
     (root / "conf").mkdir()
     (root / "db").mkdir()

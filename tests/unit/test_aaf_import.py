@@ -103,6 +103,29 @@ def test_delta_deactivates_keeps_logins_and_purges_after_retention(
     assert len(_people(directory)) == len(people) - deactivated
 
 
+def test_digests_skip_only_what_is_really_unchanged(
+        export: Path, farm: Farm, directory: Directory, tmp_path: Path) -> None:
+    run_import(export, farm, directory, now=NOW)
+    feed = _copy(export, tmp_path)
+    generate_delta(feed, feed, seed=5, share=0.05)
+    delta = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1))
+    assert delta.changes.counts["people modify"] >= 1
+    # What the digests let the Delta skip was up to date: comparing every attribute of every
+    # person afterwards finds nothing to change.
+    full = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1), full_compare=True)
+    assert full.changes.changes == 0, full.changes.ldif[:2000]
+    # A hand edit of an owned attribute is not seen through an unchanged digest, and is repaired
+    # by a full comparison.
+    dn, entry = next((dn, e) for dn, e in _people(directory).items()
+                     if e["ENTPersonEtat"] == ["ACTIF"])
+    directory.apply(f"dn: {dn}\nchangetype: modify\nreplace: sn\nsn: Modifié-à-la-main\n\n")
+    assert run_import(feed, farm, directory, now=NOW + dt.timedelta(days=2)).changes.changes == 0
+    repaired = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=2),
+                          full_compare=True)
+    assert repaired.changes.counts["people modify"] == 1
+    assert _people(directory)[dn]["sn"] == entry["sn"]
+
+
 def _refused(feed: Path, farm: Farm, directory: Directory, **kw: object) -> str:
     before = directory.dump()
     with pytest.raises(ImportRefused) as caught:

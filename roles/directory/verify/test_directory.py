@@ -153,10 +153,11 @@ def test_service_account_reads_people_but_no_password(host: Any) -> None:
 
 def test_schema_loaded(host: Any) -> None:
     out = root_search(
-        host, "cn=schema,cn=config", "-s", "one", "(cn=*entfarm-sdet)", "olcObjectClasses"
+        host, "cn=schema,cn=config", "-s", "one", "(cn=*entfarm-sdet*)", "olcObjectClasses"
     )
     for name in (
         "ENTPerson",
+        "ENTPersonImport",
         "ENTEleve",
         "ENTAuxEnseignant",
         "ENTAuxPersRelEleve",
