@@ -170,9 +170,12 @@ def _lab_farm(inventory: str | None) -> Farm:
 def deploy(inventory: str | None, limit: str | None, tags: str | None, skip_tags: str | None,
            check: bool, diff: bool, playbook: str, verbose: int) -> None:
     """Converge the farm: run playbooks/site.yml through ansible-runner."""
+    from . import artifacts as store
     from . import runner
 
     farm = _farm(inventory)
+    # Before any host is contacted: a missing or altered artifact stops here, not mid-deploy.
+    store.require(farm)
     if farm.kind == "lab":
         _require_lab_up(farm)
     renderer = _DeployRenderer(diff=diff)
@@ -278,6 +281,103 @@ def _render_summary(result: Any) -> None:
     console.print(f"run directory: {result.run_dir}")
 
 
+# -- artifacts ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def artifacts() -> None:
+    """The artifact store: releases fetched and checked, wheelhouses built, all checksummed."""
+
+
+def _artifacts_progress(line: str) -> None:
+    console.print(f"[dim]artifacts[/dim] {line}", markup=True, highlight=False)
+
+
+def _render_outcomes(outcomes: list[Any], verb: str) -> None:
+    from .artifacts import human_size
+
+    table = Table(title=f"artifacts {verb}", show_edge=False)
+    for column in ("name", "version", "action", "files", "size", "time"):
+        table.add_column(column, justify="right" if column in ("files", "size", "time") else "left")
+    for o in outcomes:
+        table.add_row(o.name, o.version or "", o.action, str(o.files), human_size(o.size),
+                      f"{o.seconds:.1f} s")
+    console.print(table)
+
+
+_STATUS_STYLE = {"ok": "green", "unused": "dim"}
+
+
+def _render_states(states: list[Any], store_dir: Any) -> None:
+    from .artifacts import human_size
+
+    table = Table(title=f"artifact store {store_dir}", show_edge=False)
+    for column in ("name", "kind", "version", "files", "size", "status", "used by"):
+        table.add_column(column, justify="right" if column in ("files", "size") else "left")
+    for s in states:
+        style = _STATUS_STYLE.get(s.status, "red")
+        table.add_row(s.name, s.kind, s.version or "", str(s.files), human_size(s.size),
+                      f"[{style}]{s.status}[/{style}]", ", ".join(s.used_by))
+    console.print(table)
+
+
+@artifacts.command("fetch")
+@inventory_option
+@click.argument("names", nargs=-1)
+def artifacts_fetch(inventory: str | None, names: tuple[str, ...]) -> None:
+    """Download the releases named in farm.yml (default: all), each checked against its sha256."""
+    from . import artifacts as store
+
+    farm = _farm(inventory)
+    outcomes = store.fetch(farm, list(names), progress=_artifacts_progress)
+    if not outcomes:
+        console.print(f"no release to fetch: {farm.file} has no artifacts.sources")
+        return
+    _render_outcomes(outcomes, "fetch")
+
+
+@artifacts.command("build")
+@inventory_option
+@click.argument("names", nargs=-1)
+def artifacts_build(inventory: str | None, names: tuple[str, ...]) -> None:
+    """Build artifacts from their recipes (default: every recipe, e.g. the portal wheelhouse)."""
+    from . import artifacts as store
+
+    farm = _farm(inventory)
+    outcomes = store.build(farm, list(names), progress=_artifacts_progress)
+    if not outcomes:
+        console.print(f"nothing to build: every recipe's name is a source in {farm.file}")
+        return
+    _render_outcomes(outcomes, "build")
+
+
+@artifacts.command("list")
+@inventory_option
+def artifacts_list(inventory: str | None) -> None:
+    """Show every artifact: kind, version, files, size, status (checksums recomputed)."""
+    from . import artifacts as store
+
+    farm = _farm(inventory)
+    _render_states(store.states(farm), store.Store(farm).root)
+
+
+@artifacts.command("verify")
+@inventory_option
+@click.argument("names", nargs=-1)
+def artifacts_verify(inventory: str | None, names: tuple[str, ...]) -> None:
+    """Recompute every checksum (default: all artifacts); exit 2 with one line per problem."""
+    from . import artifacts as store
+
+    farm = _farm(inventory)
+    states, problems = store.verify(farm, list(names))
+    if problems:
+        raise store.ArtifactError(
+            f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in the artifact store "
+            f"{store.Store(farm).root}:\n" + "\n".join(problems))
+    files = sum(s.files for s in states if s.kind != "unused")
+    console.print(f"[green]ok[/green] {len(states)} artifact(s), {files} file(s) verified")
+
+
 # -- verify -------------------------------------------------------------------------------------
 
 
@@ -356,8 +456,11 @@ def _render_export(export: Any) -> None:
 @click.option("--force", is_flag=True, help="Deactivate past the --max-deactivate share.")
 @click.option("--max-deactivate", default=0.10, show_default=True, type=click.FloatRange(0, 1),
               help="Largest share of one UAI's active accounts an import may deactivate.")
+@click.option("--full-compare", is_flag=True,
+              help="Compare every attribute of every person, not only those whose AAF record "
+              "changed (also repairs entries edited by hand).")
 def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool, force: bool,
-               max_deactivate: float) -> None:
+               max_deactivate: float, full_compare: bool) -> None:
     """Import an export into the directory (onboarded établissements only)."""
     from pathlib import Path
 
@@ -367,7 +470,8 @@ def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool,
     farm = _farm(inventory)
     directory = Directory(for_farm(farm), farm.spec.academie.base_dn)
     result = run_import(Path(path), farm, directory, dry_run=dry_run, force=force,
-                        max_deactivate=max_deactivate, progress=_aaf_progress)
+                        max_deactivate=max_deactivate, progress=_aaf_progress,
+                        full_compare=full_compare)
     cs = result.changes
     table = Table(title="change set per UAI" + (" (dry run: nothing written)" if dry_run else ""),
                   show_edge=False)

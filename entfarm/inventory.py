@@ -58,6 +58,7 @@ def farm_vars(farm: Farm) -> dict[str, Any]:
             "store": str((farm.inventory_dir / spec.artifacts.store).resolve()),
             "mirror": spec.artifacts.mirror,
             "sources": {k: v.model_dump() for k, v in spec.artifacts.sources.items()},
+            **artifacts_vars(farm),
         },
         # Port users reach HTTPS on: 443, or the lab's published port on 127.0.0.1.
         "entfarm_public_https_port": farm.lab.publish.https if farm.kind == "lab" else 443,
@@ -65,6 +66,25 @@ def farm_vars(farm: Farm) -> dict[str, Any]:
         "entfarm_secrets_dir": str(farm.secrets_dir.resolve()),
         "entfarm_state_dir": str(farm.state_dir.resolve()),
     }
+
+
+def artifacts_vars(farm: Farm) -> dict[str, Any]:
+    """What playbooks/artifacts.yml checks before a deploy: the manifest, and per required
+    artifact its kind, the command that produces it and, for a release, its file and the sha256
+    from farm.yml (a built artifact's files and checksums are in the manifest)."""
+    from .artifacts import MANIFEST, Store, command, kind_of, required_artifacts, source_file
+
+    required = []
+    for name in required_artifacts(farm):
+        kind = kind_of(farm, name)
+        item: dict[str, Any] = {"name": name, "kind": kind, "file": None, "sha256": None,
+                                "fix": command(farm, "fetch" if kind == "fetched" else "build",
+                                               name)}
+        if kind == "fetched":
+            source = farm.spec.artifacts.sources[name]
+            item.update(file=source_file(name, source.url), sha256=source.sha256)
+        required.append(item)
+    return {"manifest": str((Store(farm).root / MANIFEST).resolve()), "required": required}
 
 
 def host_vars(farm: Farm) -> dict[str, dict[str, Any]]:

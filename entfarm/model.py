@@ -14,6 +14,7 @@ import difflib
 import json
 import re
 import types
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,14 +225,33 @@ class ServicePlacement(_Strict):
 
 
 class ArtifactSource(_Strict):
-    url: str = Field(min_length=1, description="Where the controller downloads the release.")
+    url: str = Field(
+        min_length=1,
+        description="Where the controller downloads the release file (http, https, file).",
+    )
     sha256: Sha256 = Field(description="Expected SHA-256 of the file; checked after download.")
     version: str | None = Field(default=None, description="Release version, for reports.")
+
+    @field_validator("url")
+    @classmethod
+    def _names_a_file(cls, value: str) -> str:
+        # The store keeps the file under its URL's last path segment (entfarm.artifacts).
+        parts = urllib.parse.urlsplit(value)
+        name = urllib.parse.unquote(parts.path).rsplit("/", 1)[-1]
+        if not parts.scheme or name in ("", ".", "..") or "\\" in name:
+            raise ValueError(
+                f"{value!r}: expected the URL of the release file itself, ending with its file "
+                "name (e.g. file:///srv/releases/etherpad-2.2.7.tar.gz)")
+        return value
 
 
 class Artifacts(_Strict):
     store: str = Field(default="state/artifacts", description="Relative to the inventory.")
-    mirror: str | None = Field(default=None, description="Base URL replacing release URLs.")
+    mirror: str | None = Field(
+        default=None,
+        description="Base URL of a mirror laid out like a store: each source is downloaded "
+        "from <mirror>/<name>/<file name of its URL> instead of its URL.",
+    )
     sources: dict[Annotated[str, StringConstraints(pattern=SOURCE_NAME_RE)], ArtifactSource] = (
         Field(default_factory=dict, description="Release files the store holds, by name.")
     )
