@@ -28,6 +28,7 @@ PERSON_ATTRIBUTES = (
     "ENTPersonDateDesactivation", "ENTEleveClasses", "ENTEleveGroupes", "ENTEleveMEF",
     "ENTEleveParents", "ENTEleveStructRattachId", "ENTAuxPersRelEleveEleve", "ENTAuxEnsClasses",
     "ENTAuxEnsGroupes", "ENTAuxEnsMatiereEnseignEtab", "ENTPersonEmpreinte",
+    "ENTAuxPersRelEleveEnfants",
 )
 # Bumped whenever person_entry() changes what it builds from the same inputs: every stored
 # digest then differs, and the next import compares (and rewrites) every person once.
@@ -187,7 +188,8 @@ def digest(d: Desired, p: Provisioned, logins: dict[str, str]) -> str:
     encoding is unambiguous and stable across Python versions (unlike repr or marshal)."""
     by_id = d.by_id
     parents = [f"{i}={logins[by_id[i]]}" for i in p.parents if i in by_id]
-    children = [f"{i}={logins[by_id[i]]}" for i in p.children if i in by_id]
+    children = [f"{i}={logins[by_id[i]]}={child_label}" for i in p.children if i in by_id
+                for child_label in ["\x1d".join(_child_values(d, d.people[by_id[i]]))]]
     fields = [
         MAPPING_VERSION, d.base_dn, p.jointure, p.person.category, logins[p.jointure],
         "\x1f".join(p.sids), "\x1f".join(d.sid_uai[s] for s in p.sids), "\x1f".join(p.profiles),
@@ -195,6 +197,19 @@ def digest(d: Desired, p: Provisioned, logins: dict[str, str]) -> str:
         *(f"{k}\x1f" + "\x1f".join(v) for k, v in sorted(p.person.attrs.items())),
     ]
     return hashlib.blake2b("\x1e".join(fields).encode(), digest_size=16).hexdigest()
+
+
+def _display_name(p: Provisioned) -> str:
+    a = p.person.attrs
+    given = (a.get("givenName") or [""])[0]
+    sn = (a.get("sn") or a.get("ENTPersonNomPatro") or ["?"])[0]
+    return f"{given} {sn}".strip()
+
+
+def _child_values(d: Desired, child: Provisioned) -> list[str]:
+    """ENTAuxPersRelEleveEnfants values of one child: ``<UAI>$<display name>`` per collège."""
+    name = _display_name(child)
+    return [f"{d.sid_uai[s]}${name}" for s in child.sids]
 
 
 def person_entry(d: Desired, p: Provisioned, logins: dict[str, str],
@@ -221,8 +236,8 @@ def person_entry(d: Desired, p: Provisioned, logins: dict[str, str],
         main = stated[0]
     entry: Entry = {
         "objectClass": classes,
-        "cn": [f"{given} {sn}".strip()], "sn": [sn], "givenName": [given] if given else [],
-        "displayName": [f"{given} {sn}".strip()], "mail": a.get("mail", [])[:1],
+        "cn": [_display_name(p)], "sn": [sn], "givenName": [given] if given else [],
+        "displayName": [_display_name(p)], "mail": a.get("mail", [])[:1],
         "uid": [login], "ENTPersonJointure": [p.jointure], "ENTPersonLogin": [login],
         "ENTPersonProfils": p.profiles,
         "ENTPersonStructRattach": [d.structure_dn(d.sid_uai[main])],
@@ -244,6 +259,8 @@ def person_entry(d: Desired, p: Provisioned, logins: dict[str, str],
     if "National_TUT" in p.profiles:
         entry["ENTAuxPersRelEleveEleve"] = [d.people_dn(logins[d.by_id[i]]) for i in p.children
                                             if i in d.by_id]
+        entry["ENTAuxPersRelEleveEnfants"] = [v for i in p.children if i in d.by_id
+                                              for v in _child_values(d, d.people[d.by_id[i]])]
     if "National_ENS" in p.profiles:
         entry["ENTAuxEnsClasses"] = _in(a.get("ENTAuxEnsClasses", []), p.sids)
         entry["ENTAuxEnsGroupes"] = _in(a.get("ENTAuxEnsGroupes", []), p.sids)

@@ -64,6 +64,14 @@ def test_import_provisions_onboarded_only_then_reimport_changes_nothing(
     assert first.changes.skipped["0370001A"] > 0  # the collège outside the farm
     people = _people(directory)
     assert len(people) == added
+    # Parents carry their children as the portal shows them: <UAI>$<display name>.
+    parents = directory.search(f"ou=people,{directory.base}", "(ENTPersonProfils=National_TUT)",
+                               ("ENTAuxPersRelEleveEnfants", "ENTAuxPersRelEleveEleve"))
+    assert parents
+    for parent in parents.values():
+        children = parent["ENTAuxPersRelEleveEnfants"]
+        assert len(children) == len(parent["ENTAuxPersRelEleveEleve"])
+        assert all(v.startswith(f"{UAI}$") and len(v) > len(UAI) + 3 for v in children)
     again = run_import(export, farm, directory, now=NOW + dt.timedelta(days=1))
     assert again.changes.changes == 0, again.changes.ldif[:2000]
     # Distribution file: new accounts only, owner-only, codes never stored in clear.
