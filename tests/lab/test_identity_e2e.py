@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -322,6 +323,9 @@ def test_login_then_service_validates_ticket_with_attributes(
     uais = attrs.get("ENTStructureUAI", []) + attrs.get("ENTEtablissementsUAI", [])
     assert account.uai in uais, attrs
     assert not {"userPassword", "ENTPersonCodeActivation"} & set(attrs)
+    if label == "parent":  # each child as the portal shows it: <UAI>$<display name>
+        children = attrs.get("ENTAuxPersRelEleveEnfants", [])
+        assert children and all(re.match(r"^[0-9]{7}[A-Z]\$\S", c) for c in children), attrs
 
 
 def test_ticket_is_single_use(cas: Cas, services: list[str],
@@ -403,3 +407,44 @@ def test_cas_account_reads_an_imported_person_but_not_its_secrets(
     anonymous = on_idp(f"ldapsearch -x -LLL -H ldap://localhost/ -b "
                        f"{shlex.quote(directory['base_dn'])} {shlex.quote(f'(uid={login})')} uid")
     assert login not in anonymous.stdout
+
+
+# -- brute force and logout ------------------------------------------------------------------------
+
+
+def test_failed_logins_lock_the_account_for_a_while(
+    cas: Cas, services: list[str], imported: dict[str, list[Account]],
+) -> None:
+    """After cas__brute_force_max_failed failures even the right password is refused, until
+    cas__brute_force_tempo seconds have passed."""
+    deployed = read_fact("cas")
+    assert deployed["brute_force_protection"] is True
+    max_failed, tempo = deployed["brute_force_max_failed"], deployed["brute_force_tempo"]
+    account = imported["élève"][2]  # an account no other test uses
+    for _ in range(max_failed):
+        wrong = cas.login(Browser(cas.ctx), services[0], account.login, account.code + "x")
+        assert ticket_of(wrong, services[0]) is None
+    started = time.monotonic()
+    locked = cas.login(Browser(cas.ctx), services[0], account.login, account.code)
+    assert ticket_of(locked, services[0]) is None, "the right password got through the lock"
+    time.sleep(max(0.0, tempo + 3 - (time.monotonic() - started)))
+    answer = cas.login(Browser(cas.ctx), services[0], account.login, account.code)
+    assert ticket_of(answer, services[0]) is not None, portal_message(answer)
+
+
+def test_cas_logout_ends_the_sso_session(
+    cas: Cas, services: list[str], imported: dict[str, list[Account]],
+) -> None:
+    account = imported["enseignant"][1]  # its own session: the shared ones stay open
+    browser = Browser(cas.ctx)
+    answer = cas.login(browser, services[0], account.login, account.code)
+    assert ticket_of(answer, services[0]) is not None, portal_message(answer)
+    assert cas.ticket_for(browser, services[1]) is not None  # single sign-on: no form again
+    url = urljoin(cas.portal, "cas/logout")
+    out = browser.request("GET", url)
+    assert out.status in (200, 302, 303), out.status
+    # The session is over: a service now gets the login form, not a ticket.
+    assert cas.ticket_for(browser, services[0]) is None
+    page_url = cas.login_url(services[0])
+    page = browser.follow(browser.request("GET", page_url), page_url, cas.host)[0]
+    assert 'name="password"' in page.body, portal_message(page)
