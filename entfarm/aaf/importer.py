@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,15 +231,21 @@ def reads(base: str, full_compare: bool = False) -> list[Query]:
 
 def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetime,
             max_deactivate: float, force: bool, remembered: dict[str, str],
-            progress: Progress, full_compare: bool = False) -> ChangeSet:
+            progress: Progress, full_compare: bool = False,
+            scope: Collection[str] | None = None, held: Collection[str] = ()) -> ChangeSet:
     """The change set; raises ImportRefused before anything is written.
 
     A person whose stored digest (ENTPersonEmpreinte) equals the digest of what the export says
     is up to date and is neither rebuilt nor read in full; ``full_compare`` compares every
     attribute of every person instead (it also repairs entries edited by hand).
+
+    ``scope``: UAIs to provision (None: every établissement of farm.yml). ``held``: UAIs taken
+    out on purpose (a wave rollback): their accounts are deactivated without the
+    ``max_deactivate`` refusal, and neither purged nor stripped of their groups, so that
+    re-onboarding finds them as they were.
     """
     base = farm.spec.academie.base_dn
-    d: Desired = desired_state(export, farm)
+    d: Desired = desired_state(export, farm, scope)
     cs = ChangeSet(skipped=d.skipped)
     progress(f"reading the directory ({directory.t.describe()})")
     q_tops, q_base, q_people, q_structures, q_groups = reads(base, full_compare)
@@ -278,6 +284,8 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
                 leaving[uai] += 1
     if not force:
         for uai, n in sorted(leaving.items()):
+            if uai in held:
+                continue
             share = n / active[uai]
             if share > max_deactivate:
                 raise ImportRefused(
@@ -351,7 +359,8 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             cs.ldif_parts.append(ldif.modify(dn, {"ENTPersonEtat": ["DESACTIVE"],
                                                   "ENTPersonDateDesactivation": [gen]}))
             cs.count("people deactivate", uai)
-        elif (e.get("ENTPersonDateDesactivation") or [gen])[0] < purge_before:
+        elif (e.get("ENTPersonDateDesactivation") or [gen])[0] < purge_before and not (
+                held and set(_uais_of(e)) & set(held)):
             purges.append(dn)
             cs.count("people purge", uai)
 
@@ -368,7 +377,7 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
                 cs.count("groups modify", cn.split("$")[0])
     for dn, entry in sorted(groups.items()):
         cn = (entry.get("cn") or [""])[0]
-        if AAF_GROUP.match(cn) and cn not in members:
+        if AAF_GROUP.match(cn) and cn not in members and cn.split("$")[0] not in held:
             cs.ldif_parts.append(ldif.delete(dn))
             cs.count("groups delete", cn.split("$")[0])
     cs.ldif_parts += [ldif.delete(dn) for dn in purges]
@@ -428,16 +437,19 @@ def write_distribution(state: Path, accounts: list[NewAccount], stamp: str) -> l
 def run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool = False,
                force: bool = False, max_deactivate: float = 0.10,
                now: dt.datetime | None = None, progress: Progress = lambda _line: None,
-               full_compare: bool = False) -> ImportResult:
+               full_compare: bool = False, scope: Collection[str] | None = None,
+               held: Collection[str] = ()) -> ImportResult:
+    """Import an export; ``scope`` and ``held`` as in :func:`compute` (the wave ledger's)."""
     with no_gc():
         return _run_import(path, farm, directory, dry_run=dry_run, force=force,
                            max_deactivate=max_deactivate, now=now, progress=progress,
-                           full_compare=full_compare)
+                           full_compare=full_compare, scope=scope, held=held)
 
 
 def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                 force: bool, max_deactivate: float, now: dt.datetime | None,
-                progress: Progress, full_compare: bool) -> ImportResult:
+                progress: Progress, full_compare: bool, scope: Collection[str] | None,
+                held: Collection[str]) -> ImportResult:
     now = now or dt.datetime.now(dt.UTC)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
@@ -457,7 +469,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
     t1 = time.monotonic()
     cs = compute(export, farm, directory, now=now, max_deactivate=max_deactivate, force=force,
                  remembered=_read_logins(logins_file), progress=progress,
-                 full_compare=full_compare)
+                 full_compare=full_compare, scope=scope, held=held)
     timings["compare"] = time.monotonic() - t1
     if dry_run:
         return ImportResult(cs, False, None, [], timings)
@@ -468,6 +480,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
         "files": [f.path.name for f in export.files], "counts": dict(cs.counts),
         "per_uai": {u: dict(c) for u, c in cs.per_uai.items()}, "skipped": dict(cs.skipped),
         "force": force, "max_deactivate": max_deactivate, "full_compare": full_compare,
+        "scope": None if scope is None else sorted(scope), "held": sorted(held),
     }
     if cs.changes:
         progress(f"applying {cs.changes} change(s) in one ldapmodify")

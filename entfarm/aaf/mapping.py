@@ -6,6 +6,7 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from ..model import Farm
@@ -115,9 +116,14 @@ def staff_profiles(person: Person) -> list[str]:
     return list(dict.fromkeys(profiles)) or ["National_ETA"]
 
 
-def desired_state(export: Export, farm: Farm) -> Desired:
-    """What the directory should hold for the farm's onboarded établissements."""
-    onboarded = {e.uai: e for e in farm.spec.etablissements if e.wave}
+def desired_state(export: Export, farm: Farm,
+                  scope: Collection[str] | None = None) -> Desired:
+    """What the directory should hold for the farm's onboarded établissements.
+
+    ``scope``: the UAIs onboarded, as the wave ledger says (entfarm.waves); None: every
+    établissement of farm.yml (each has a wave), as before waves were tracked."""
+    onboarded = {e.uai: e for e in farm.spec.etablissements
+                 if e.wave and (scope is None or e.uai in scope)}
     sid_uai: dict[str, str] = {}
     for sid in export.structures:
         uai = export.uai_of(sid)

@@ -1,0 +1,509 @@
+"""What onboarding one établissement means: the steps, each with its gate.
+
+A step is a small class (see :class:`Step`): ``plan`` says what it will do, ``check`` whether it
+is already done, ``apply`` does it (``apply_batch`` when one action serves a whole batch, as the
+AAF import does), ``verify`` is its gate and returns :class:`Evidence`, ``disable`` takes the
+établissement out with its data kept. Adding a service's tenant is one class here and one line in
+:func:`default_steps`.
+
+Gates never pass what they could not check: a service whose role is not built yet answers
+"not verifiable", and a service absent from farm.yml is "skipped" (not deployed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import ssl
+import subprocess
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..aaf.transport import LocalTransport, TransportError
+from ..errors import UserError
+from ..model import Etablissement, Farm
+
+Outcome = Literal["passed", "failed", "not_verifiable", "skipped"]
+PASSED: Outcome = "passed"
+FAILED_GATE: Outcome = "failed"
+NOT_VERIFIABLE: Outcome = "not_verifiable"
+SKIPPED: Outcome = "skipped"
+NOT_BUILT = "not verifiable: role not built yet"
+# The roles whose local facts carry the deployed version of a central service.
+CENTRAL_ROLES = ("directory", "cas", "portal", "proxy", "postgresql", "redis")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The outcome of one gate (or preflight check) and what it saw, for the ledger."""
+
+    gate: str
+    outcome: Outcome
+    detail: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Step:
+    """One thing onboarding does to an établissement, and the gate proving it."""
+
+    name = "step"
+    title = "Step"  # column title in the plan
+    gate = "gate"  # what the gate checks, as progress shows it
+    built = True  # False: the role behind it does not exist yet; nothing is applied
+
+    def applicable(self, etab: Etablissement) -> bool:
+        """False when the farm has nothing of this kind for the établissement (skipped)."""
+        return True
+
+    def skip_reason(self, etab: Etablissement) -> str:
+        return "not deployed"
+
+    def plan(self, etab: Etablissement) -> str:
+        """What the step will do, in one line, for the plan."""
+        raise NotImplementedError
+
+    def preflight(self) -> Evidence | None:
+        """A check before any change (e.g. its input exists); None when there is none."""
+        return None
+
+    def check(self, etab: Etablissement) -> bool:
+        """Already done? (resume and re-apply do not redo it)"""
+        return False
+
+    def apply(self, etab: Etablissement) -> None:
+        raise NotImplementedError
+
+    def apply_batch(self, etabs: Sequence[Etablissement]) -> dict[str, Exception]:
+        """Apply to each; the errors by UAI (an établissement absent from the result is done)."""
+        errors: dict[str, Exception] = {}
+        for etab in etabs:
+            try:
+                self.apply(etab)
+            except Exception as exc:  # one établissement's failure must not stop the batch
+                errors[etab.uai] = exc
+        return errors
+
+    def verify(self, etab: Etablissement) -> Evidence:
+        return Evidence(self.gate, NOT_VERIFIABLE, NOT_BUILT)
+
+    def disable(self, etab: Etablissement) -> str:
+        """Take the établissement out, data kept; what was done, in one line."""
+        return "nothing to disable"
+
+
+# -- reaching hosts -----------------------------------------------------------------------------
+
+
+def host_transport(farm: Farm, host_name: str) -> LocalTransport:
+    """Commands on one farm host, the way the inventory reaches it (docker exec or ssh)."""
+    host = next((h for h in farm.hosts() if h.name == host_name), None)
+    if host is None:
+        raise UserError(f"no host {host_name!r} in {farm.file}")
+    reach = farm.reach(host)
+    if reach.connection == "docker":
+        return LocalTransport(prefix=["docker", "exec", "-i", reach.target])
+    return LocalTransport(
+        prefix=["ssh", "-o", "BatchMode=yes", f"{reach.user}@{reach.target}", "--"], quote=True)
+
+
+def read_fact(farm: Farm, host: str, role: str) -> dict[str, Any] | None:
+    """``/etc/ansible/facts.d/<role>.fact`` of a host (what the role deployed), None if absent."""
+    out = host_transport(farm, host).run(
+        ["sh", "-c", f"cat /etc/ansible/facts.d/{role}.fact 2>/dev/null || true"])
+    text = out.decode("utf-8", "replace").strip()
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def deployed_versions(farm: Farm) -> dict[str, Any]:
+    """Versions of the central services as their roles recorded them, and farm.yml's pins."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        entfarm_version = version("entfarm")
+    except PackageNotFoundError:
+        entfarm_version = "unknown"
+    out: dict[str, Any] = {"entfarm": entfarm_version, "pinned": dict(farm.spec.versions)}
+    commit = _git_commit()
+    if commit:
+        out["entfarm_commit"] = commit
+    deployed: dict[str, str] = {}
+    for role in CENTRAL_ROLES:
+        placement = farm.spec.services.get(role)
+        if placement is None:
+            continue
+        try:
+            fact = read_fact(farm, placement.hosts[0], role)
+        except UserError:
+            fact = None
+        deployed[role] = str(fact.get("version", "unknown")) if fact else "not deployed"
+    out["deployed"] = deployed
+    return out
+
+
+def _git_commit() -> str | None:
+    from ..runner import project_root
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(),
+                              capture_output=True, text=True, check=False, timeout=10)
+    except (OSError, UserError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def central_preflight(farm: Farm, run_dir: Path) -> list[Evidence]:
+    """The central services' verify suites (all hosts but school servers): healthy or stop."""
+    from ..model import SCHOOL_SERVER_GROUP
+    from ..verify import run_verify
+
+    report = run_dir / "preflight-verify.xml"
+    # pytest keeps the last --junitxml: the report lands in the wave's run directory.
+    rc = run_verify(farm, [], f"all:!{SCHOOL_SERVER_GROUP}",
+                    extra_args=["-q", f"--junitxml={report}"])
+    counts = _junit_counts(report)
+    detail = (f"verify suites: exit {rc}; " + ", ".join(f"{k} {v}" for k, v in counts.items())
+              if counts else f"verify suites: exit {rc}")
+    return [Evidence("central services verified", PASSED if rc == 0 else FAILED_GATE, detail,
+                     {"exit": rc, "report": str(report), **counts})]
+
+
+def _junit_counts(report: Path) -> dict[str, int]:
+    try:
+        root = ET.parse(report).getroot()
+    except (OSError, ET.ParseError):
+        return {}
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    out = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for suite in suites:
+        for key in out:
+            out[key] += int(suite.get(key, "0") or 0)
+    return out
+
+
+# -- directory: the établissement's AAF feed, and its accounts logging in through CAS ------------
+
+ScopeProvider = Callable[[], tuple[set[str], set[str]]]
+
+
+@dataclass(frozen=True)
+class DistributedAccount:
+    login: str
+    code: str
+    profil: str
+
+
+def distributed_accounts(farm: Farm, uai: str) -> dict[str, DistributedAccount]:
+    """login -> account, from the établissement's distribution CSVs, latest code winning (a
+    re-import of the same export distributes nothing new)."""
+    accounts: dict[str, DistributedAccount] = {}
+    folder = farm.state_dir / "aaf" / "distribution" / uai
+    for path in sorted(folder.glob("comptes-*.csv"), key=lambda p: p.name):
+        with path.open(encoding="utf-8", newline="") as fh:
+            for row in csv.DictReader(fh, delimiter=";"):
+                accounts[row["login"]] = DistributedAccount(
+                    row["login"], row["code_activation"], row["profil"])
+    return accounts
+
+
+class CasLoginGate:
+    """An imported élève of the établissement logs in through CAS, and the ticket validates
+    with the établissement's UAI among the user's attributes.
+
+    The account is one whose one-time code the import distributed: the gate runs right after
+    the import, before codes are handed out, so no real person's password is ever needed. The
+    code itself is never recorded; the login is.
+    """
+
+    name = "CAS logins"
+
+    def __init__(self, farm: Farm):
+        self.farm = farm
+
+    def client(self) -> Any:
+        from ..casclient import CasClient
+
+        names = self.farm.public_names("cas")
+        if not names:
+            raise UserError(f"{self.farm.file}: no services.cas; the CAS gate needs one")
+        ca = self.farm.secrets_dir / "pki" / "ca.crt"
+        ctx = (ssl.create_default_context(cafile=str(ca)) if ca.is_file()
+               else ssl.create_default_context())
+        # The lab's public names do not resolve: the published edge is on the loopback.
+        connect_to = "127.0.0.1" if self.farm.kind == "lab" else None
+        return CasClient(self.farm.public_url(names[0]), ctx, connect_to)
+
+    def service(self) -> str:
+        names = self.farm.public_names("portal")
+        if not names:
+            raise UserError(f"{self.farm.file}: no services.portal; the CAS gate logs in to it")
+        return self.farm.public_url(names[0])
+
+    def verify(self, etab: Etablissement) -> Evidence:
+        from ..casclient import CasClientError, portal_message, ticket_of
+
+        eleves = sorted((a for a in distributed_accounts(self.farm, etab.uai).values()
+                         if a.profil == "élève"), key=lambda a: a.login)
+        if not eleves:
+            return Evidence(self.name, FAILED_GATE,
+                            f"no élève account distributed for {etab.uai} (state/aaf/"
+                            "distribution): the import provisioned nobody there")
+        account = eleves[0]
+        service = self.service()
+        data: dict[str, Any] = {"account": account.login, "service": service}
+        try:
+            cas = self.client()
+            data["cas"] = cas.base_url
+            answer = cas.login(cas.browser(), service, account.login, account.code)
+            ticket = ticket_of(answer, service)
+            if ticket is None:
+                return Evidence(self.name, FAILED_GATE,
+                                f"{account.login}: no ticket ({portal_message(answer)})", data)
+            validation = cas.validate(service, ticket)
+        except CasClientError as exc:
+            return Evidence(self.name, FAILED_GATE, f"CAS unreachable or unexpected: {exc}",
+                            data)
+        data["validated_user"] = validation.user
+        if validation.failure:
+            return Evidence(self.name, FAILED_GATE,
+                            f"serviceValidate refused the ticket: {validation.failure}", data)
+        uais = (validation.attributes.get("ENTStructureUAI", [])
+                + validation.attributes.get("ENTEtablissementsUAI", []))
+        data["profiles"] = validation.attributes.get("ENTPersonProfils", [])
+        data["uai_released"] = etab.uai in uais
+        if validation.user != account.login or etab.uai not in uais:
+            return Evidence(self.name, FAILED_GATE,
+                            f"ticket validated for {validation.user!r} without {etab.uai} in "
+                            "its attributes", data)
+        return Evidence(self.name, PASSED,
+                        f"élève {account.login} logged in; ticket validated with {etab.uai}",
+                        data)
+
+
+class DirectoryStep(Step):
+    """The établissement's structure and accounts from its AAF feed.
+
+    One import per batch: the whole export, restricted to the ledger's scope (établissements
+    onboarding, live or failed; the batch is already onboarding when it runs)."""
+
+    name = "directory"
+    title = "Annuaire (AAF)"
+    gate = CasLoginGate.name
+
+    def __init__(self, farm: Farm, export: Path | None, scope: ScopeProvider,
+                 progress: Callable[[str], None] = lambda _line: None,
+                 counts: dict[str, dict[str, int]] | None = None,
+                 directory: Callable[[], Any] | None = None):
+        self.farm = farm
+        self.export = export
+        self.directory_factory = directory  # tests: a local slapd instead of the farm's
+        self.scope = scope
+        self.progress = progress
+        self.counts = counts or {}  # UAI -> category -> persons, for the plan
+        self.gate_impl = CasLoginGate(farm)
+
+    def _directory(self) -> Any:
+        from ..aaf.importer import Directory
+
+        if self.directory_factory is not None:
+            return self.directory_factory()
+        from ..aaf.transport import for_farm
+
+        return Directory(for_farm(self.farm), self.farm.spec.academie.base_dn)
+
+    def plan(self, etab: Etablissement) -> str:
+        what = f"structure {etab.uai} (ou=structures)"
+        c = self.counts.get(etab.uai)
+        if c is None:
+            return f"{what}; accounts and class groups of its AAF feed"
+        return (f"{what}; {c.get('Eleve', 0)} élèves, {c.get('PersRelEleve', 0)} parents, "
+                f"{c.get('PersEducNat', 0)} personnels; class groups")
+
+    def preflight(self) -> Evidence | None:
+        if self.export is None or not self.export.is_dir():
+            return Evidence("AAF export", FAILED_GATE,
+                            f"no AAF export directory at {self.export} (--aaf PATH)")
+        return Evidence("AAF export", PASSED, f"AAF export {self.export}")
+
+    def check(self, etab: Etablissement) -> bool:
+        base = self.farm.spec.academie.base_dn
+        structure = f"ENTStructureUAI={etab.uai},ou=structures,{base}"
+        directory = self._directory()
+        if not directory.search(structure, "(objectClass=ENTStructure)", ("ou",), "base"):
+            return False
+        active = directory.search(f"ou=people,{base}",
+                                  f"(&(ENTPersonEtat=ACTIF)(ENTPersonStructRattach={structure}))",
+                                  ("uid",), "one")
+        return bool(active)
+
+    def apply(self, etab: Etablissement) -> None:
+        errors = self.apply_batch([etab])
+        if errors:
+            raise errors[etab.uai]
+
+    def apply_batch(self, etabs: Sequence[Etablissement]) -> dict[str, Exception]:
+        from ..aaf.importer import run_import
+
+        if not etabs:
+            return {}
+        if self.export is None:
+            error = UserError("no AAF export given (--aaf PATH)")
+            return {e.uai: error for e in etabs}
+        scope, held = self.scope()
+        scope |= {e.uai for e in etabs}
+        held -= scope
+        try:
+            result = run_import(self.export, self.farm, self._directory(), scope=scope,
+                                held=held, progress=self.progress)
+        except UserError as exc:  # a refusal or a failed ldapmodify: the whole batch failed
+            return {e.uai: exc for e in etabs}
+        for uai, counts in sorted(result.changes.per_uai.items()):
+            if uai in {e.uai for e in etabs}:
+                self.progress(f"{uai}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+        return {}
+
+    def verify(self, etab: Etablissement) -> Evidence:
+        return self.gate_impl.verify(etab)
+
+    def disable(self, etab: Etablissement) -> str:
+        from ..aaf.importer import run_import
+
+        if self.export is None:
+            raise UserError("rolling back the directory needs the AAF export (--aaf PATH)")
+        scope, held = self.scope()
+        scope.discard(etab.uai)
+        held.add(etab.uai)
+        result = run_import(self.export, self.farm, self._directory(), scope=scope, held=held,
+                            progress=self.progress)
+        counts = result.changes.per_uai.get(etab.uai)
+        n = counts["people deactivate"] if counts else 0
+        return (f"{n} account(s) deactivated (ENTPersonEtat DESACTIVE), entries and groups "
+                "kept; later imports keep them deactivated and never purge them")
+
+
+# -- portal ----------------------------------------------------------------------------------------
+
+
+class PortalStep(Step):
+    """The établissement on the portal of its département. The portal role renders farm.yml's
+    établissements: nothing to apply; the gate reads the deployed configuration."""
+
+    name = "portal"
+    title = "Portail"
+    gate = "portal lists it"
+
+    def __init__(self, farm: Farm):
+        self.farm = farm
+
+    def applicable(self, etab: Etablissement) -> bool:
+        return "portal" in self.farm.spec.services
+
+    def skip_reason(self, etab: Etablissement) -> str:
+        return "not deployed (no services.portal in farm.yml)"
+
+    def plan(self, etab: Etablissement) -> str:
+        dep = next((d for d in self.farm.spec.departements if d.code == etab.departement), None)
+        where = dep.domain if dep else "its département's domain"
+        return f"listed on the portal ({where}) with its tiles"
+
+    def check(self, etab: Etablissement) -> bool:
+        return True  # rendered from farm.yml by the portal role at deploy time
+
+    def verify(self, etab: Etablissement) -> Evidence:
+        placement = self.farm.spec.services["portal"]
+        data: dict[str, Any] = {}
+        for host in placement.hosts:
+            try:
+                fact = read_fact(self.farm, host, "portal")
+                if not fact or not fact.get("config_file"):
+                    return Evidence(self.gate, NOT_VERIFIABLE,
+                                    f"not verifiable: no portal fact on {host} (portal role "
+                                    "not deployed there)", data)
+                raw = host_transport(self.farm, host).run(["cat", str(fact["config_file"])])
+                config = json.loads(raw.decode("utf-8"))
+            except (TransportError, json.JSONDecodeError) as exc:
+                return Evidence(self.gate, FAILED_GATE, f"{host}: {exc}", data)
+            listed = {str(e.get("uai")) for e in config.get("etablissements", [])
+                      if isinstance(e, dict)}
+            data[host] = {"version": fact.get("version"), "listed": etab.uai in listed}
+            if etab.uai not in listed:
+                return Evidence(self.gate, FAILED_GATE,
+                                f"{host}: {etab.uai} missing from {fact['config_file']}", data)
+        return Evidence(self.gate, PASSED,
+                        f"listed by {len(placement.hosts)} portal host(s)", data)
+
+    def disable(self, etab: Etablissement) -> str:
+        return ("still listed (the portal lists farm.yml's établissements); its accounts are "
+                "deactivated, so nobody of it can log in")
+
+
+# -- services whose roles come with later issues ---------------------------------------------------
+
+
+class ServiceTenantStep(Step):
+    """A service's tenant for the établissement; the role does not exist yet, so the step
+    applies nothing and its gate is never passed."""
+
+    built = False
+
+    def __init__(self, farm: Farm, service: str, title: str, what: str):
+        self.farm = farm
+        self.name = service
+        self.title = title
+        self.gate = f"{service} tenant"
+        self.what = what
+
+    def applicable(self, etab: Etablissement) -> bool:
+        return self.name in self.farm.spec.services
+
+    def skip_reason(self, etab: Etablissement) -> str:
+        return f"not deployed (no services.{self.name} in farm.yml)"
+
+    def plan(self, etab: Etablissement) -> str:
+        return self.what.format(uai=etab.uai, name=etab.name) + " (role not built yet)"
+
+
+class SchoolServerStep(Step):
+    """The établissement's school server se-<uai>: converged, then verified."""
+
+    name = "school_server"
+    title = "Serveur d'établissement"
+    gate = "school server verified"
+    built = False
+
+    def applicable(self, etab: Etablissement) -> bool:
+        return etab.school_server
+
+    def skip_reason(self, etab: Etablissement) -> str:
+        return "none declared (school_server: false)"
+
+    def plan(self, etab: Etablissement) -> str:
+        return f"host {etab.school_server_host}: schools play, then its verify suite " \
+               "(role not built yet)"
+
+
+def default_steps(farm: Farm, export: Path | None, scope: ScopeProvider,
+                  progress: Callable[[str], None] = lambda _line: None,
+                  counts: dict[str, dict[str, int]] | None = None) -> list[Step]:
+    """The steps of onboarding, in order: accounts first (every tenant maps them)."""
+    return [
+        DirectoryStep(farm, export, scope, progress, counts),
+        PortalStep(farm),
+        ServiceTenantStep(farm, "etherpad", "Etherpad", "pad group {uai}"),
+        ServiceTenantStep(farm, "moodle", "Moodle",
+                          "category «{name}» (idnumber {uai}), one cohort per class"),
+        ServiceTenantStep(farm, "nextcloud", "Nextcloud",
+                          "group folder «{uai} {name}» with its quota"),
+        SchoolServerStep(),
+    ]
