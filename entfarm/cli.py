@@ -466,12 +466,17 @@ def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool,
 
     from .aaf.importer import Directory, run_import
     from .aaf.transport import for_farm
+    from .waves.ledger import read_scope
 
     farm = _farm(inventory)
     directory = Directory(for_farm(farm), farm.spec.academie.base_dn)
+    # Once a wave has run, the ledger says which établissements are onboarded.
+    scope, held = read_scope(farm) or (None, set())
+    if scope is not None:
+        _aaf_progress(f"scope: the wave ledger ({len(scope)} onboarded, {len(held)} held out)")
     result = run_import(Path(path), farm, directory, dry_run=dry_run, force=force,
                         max_deactivate=max_deactivate, progress=_aaf_progress,
-                        full_compare=full_compare)
+                        full_compare=full_compare, scope=scope, held=held)
     cs = result.changes
     table = Table(title="change set per UAI" + (" (dry run: nothing written)" if dry_run else ""),
                   show_edge=False)
@@ -533,6 +538,301 @@ def aaf_generate(out: str, inventory: str | None, date: str | None, eleves_per_c
     for path in result.files:
         console.print(f"wrote {path}", markup=False)
     console.print(", ".join(f"{c}: {n}" for c, n in result.counts.items()) + " record(s)")
+
+
+# -- wave -----------------------------------------------------------------------------------------
+
+
+@cli.group()
+def wave() -> None:
+    """Waves: onboard établissements stage by stage, gated, recorded in a ledger."""
+
+
+aaf_export_option = click.option(
+    "--aaf", "aaf_export", metavar="EXPORT", type=click.Path(path_type=str), default=None,
+    help="AAF export directory the directory step imports (restricted to the ledger's scope).")
+batch_size_option = click.option(
+    "--batch-size", type=click.IntRange(1), default=None,
+    help="Établissements per batch after the canary (default: canary size or 5, the larger).")
+
+
+def _wave_steps(farm: Farm, aaf_export: str | None, ledger: Any | None,
+                counts: dict[str, dict[str, int]] | None = None) -> list[Any]:
+    from pathlib import Path
+
+    from .waves.steps import default_steps
+
+    def scope() -> tuple[set[str], set[str]]:
+        found: tuple[set[str], set[str]] = ledger.scope() if ledger else (set(), set())
+        return found
+
+    return default_steps(farm, Path(aaf_export) if aaf_export else None, scope,
+                         progress=_aaf_progress, counts=counts)
+
+
+def _ledger_statuses(farm: Farm) -> dict[str, str]:
+    from .waves.ledger import Ledger, ledger_path
+
+    if not ledger_path(farm).is_file():
+        return {}
+    with Ledger.open(farm) as ledger:
+        return ledger.statuses()
+
+
+@wave.command("plan")
+@inventory_option
+@click.argument("wave_id", metavar="WAVE")
+@aaf_export_option
+@batch_size_option
+@click.option("--svg", "svg", type=click.Path(path_type=str), default=None,
+              help="Also write the timeline of every wave as SVG here.")
+def wave_plan(inventory: str | None, wave_id: str, aaf_export: str | None,
+              batch_size: int | None, svg: str | None) -> None:
+    """What onboarding wave WAVE will do to each établissement (read-only)."""
+    from pathlib import Path
+
+    from .waves.plan import plan_wave
+    from .waves.timeline import write_timeline
+
+    farm = _farm(inventory)
+    counts = None
+    if aaf_export:
+        from .aaf.export import load
+
+        export = load(Path(aaf_export), progress=_aaf_progress)
+        counts = {u: dict(c) for u, c in export.counts_per_uai().items()}
+    statuses = _ledger_statuses(farm)
+    plan = plan_wave(farm, wave_id, _wave_steps(farm, aaf_export, None, counts), statuses,
+                     batch_size)
+    w = plan.wave
+    table = Table(title=f"wave {w.id}: {w.name} · {len(plan.rows)} établissement(s) · canary "
+                  f"{w.canary} · batches of {plan.batch_size} · stops past "
+                  f"{w.failure_threshold:.0%} failed")
+    for column in ("batch", "établissement", "step", "will do"):
+        table.add_column(column, overflow="fold")
+    for r in plan.rows:
+        who = (f"{r.uai} {r.name}\n{r.commune} · {r.status}"
+               + (f"\nserver {r.school_server}" if r.school_server else ""))
+        for n, (title, text) in enumerate(r.steps):
+            table.add_row(r.batch or "—" if n == 0 else "", who if n == 0 else "", title, text,
+                          end_section=n == len(r.steps) - 1)
+    console.print(table)
+    if svg:
+        path = write_timeline(farm, Path(svg), statuses, batch_size)
+        console.print(f"timeline: {path}", markup=False)
+
+
+class _WaveRenderer:
+    """Live progress of a wave: one status line, a printed line per établissement outcome."""
+
+    def __init__(self) -> None:
+        self.live = console.is_terminal
+        self.status: Any = console.status("starting…") if self.live else None
+        if self.status is not None:
+            self.status.start()
+
+    def __call__(self, event: Any) -> None:
+        line = event.line()
+        if event.phase in ("etab", "stop", "done") or (event.phase == "step" and not self.live):
+            style = {"live": "green", "failed": "red"}.get(event.what, "bold")
+            console.print(f"[{style}]{event.what}[/{style}] " + line.split(" · " + event.what)[0]
+                          + (f" · {event.outcome}" if event.outcome else ""), markup=True)
+        elif self.live:
+            self.status.update(line)
+        elif event.phase in ("preflight", "gate"):
+            console.print(line, markup=False)
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
+def _wave_engine(farm: Farm, ledger: Any, aaf_export: str | None, command: str,
+                 wave_id: str, renderer: _WaveRenderer) -> Any:
+    from .runner import new_run_dir
+    from .waves.engine import Engine
+    from .waves.steps import central_preflight, deployed_versions
+
+    run_dir = new_run_dir(farm, f"wave-{wave_id}-{command}")
+    return Engine(farm, ledger, _wave_steps(farm, aaf_export, ledger),
+                  preflight=lambda: central_preflight(farm, run_dir),
+                  versions=lambda: deployed_versions(farm), progress=renderer,
+                  run_dir=run_dir)
+
+
+def _wave_run(inventory: str | None, wave_id: str, aaf_export: str | None,
+              batch_size: int | None, only: tuple[str, ...], resume: bool) -> None:
+    from .waves.ledger import Ledger
+    from .waves.plan import wave_of
+
+    farm = _farm(inventory)
+    wave_of(farm, wave_id)
+    if aaf_export is None:
+        raise UserError("--aaf EXPORT is required: the directory step imports the "
+                        "établissements' accounts from it")
+    if farm.kind == "lab":
+        _require_lab_up(farm)
+    renderer = _WaveRenderer()
+    try:
+        with Ledger.open(farm) as ledger:
+            engine = _wave_engine(farm, ledger, aaf_export, "resume" if resume else "apply",
+                                  wave_id, renderer)
+            result = engine.apply(wave_id, batch_size=batch_size, resume=resume, only=only)
+    finally:
+        renderer.close()
+    _render_wave_result(farm, result)
+    sys.exit(0 if result.ok else 1)
+
+
+def _render_wave_result(farm: Farm, result: Any) -> None:
+    style = "green" if result.ok else "red"
+    table = Table(title=f"wave {result.wave} {result.command}: [{style}]{result.outcome}"
+                  f"[/{style}] · {result.reason}", show_edge=False)
+    for column in ("batch", "UAI", "établissement", "outcome"):
+        table.add_column(column, overflow="fold")
+    names = {e.uai: e.name for e in farm.spec.etablissements}
+    for n, batch in enumerate(result.batches, 1):
+        for uai in batch:
+            if uai in result.live:
+                outcome = "[green]live[/green]"
+            elif uai in result.failed:
+                outcome = f"[red]failed[/red] {result.failed[uai]}"
+            else:
+                outcome = "[dim]not reached[/dim]"
+            table.add_row(str(n), uai, names.get(uai, ""), outcome)
+    for uai, evidence in result.reverify.items():
+        bad = [ev for ev in evidence if ev["outcome"] == "failed"]
+        table.add_row("—", uai, names.get(uai, ""),
+                      "[red]re-verify failed[/red] " + "; ".join(ev["detail"] for ev in bad)
+                      if bad else "[green]live, re-verified[/green]")
+    console.print(table)
+    for check in result.preflight:
+        if check["outcome"] == "failed":
+            console.print(f"[red]preflight failed[/red] {check['gate']}: {check['detail']}")
+    if result.skipped and result.batches:
+        console.print(f"already live, left alone: {', '.join(result.skipped)}")
+    console.print(f"ledger run {result.run_id}; run directory: {result.run_dir}", markup=False)
+
+
+@wave.command("apply")
+@inventory_option
+@click.argument("wave_id", metavar="WAVE")
+@aaf_export_option
+@batch_size_option
+@click.option("--only", "only", multiple=True, metavar="UAI",
+              help="Only these établissements of the wave (repeatable); a rolled-back one is "
+              "re-onboarded only when named here.")
+def wave_apply(inventory: str | None, wave_id: str, aaf_export: str | None,
+               batch_size: int | None, only: tuple[str, ...]) -> None:
+    """Onboard wave WAVE: preflight, canary, then gated batches; stop at the threshold."""
+    _wave_run(inventory, wave_id, aaf_export, batch_size, only, resume=False)
+
+
+@wave.command("resume")
+@inventory_option
+@click.argument("wave_id", metavar="WAVE")
+@aaf_export_option
+@batch_size_option
+@click.option("--only", "only", multiple=True, metavar="UAI",
+              help="Only these établissements of the wave (repeatable).")
+def wave_resume(inventory: str | None, wave_id: str, aaf_export: str | None,
+                batch_size: int | None, only: tuple[str, ...]) -> None:
+    """After a fix: retry the failed and interrupted établissements, then the planned ones."""
+    _wave_run(inventory, wave_id, aaf_export, batch_size, only, resume=True)
+
+
+@wave.command("status")
+@inventory_option
+@click.argument("wave_id", metavar="WAVE", required=False)
+def wave_status(inventory: str | None, wave_id: str | None) -> None:
+    """The ledger: each établissement's status, times and last error (default: every wave)."""
+    from .waves.ledger import Ledger, ledger_path
+    from .waves.plan import wave_of
+
+    farm = _farm(inventory)
+    waves = [wave_of(farm, wave_id)] if wave_id else list(farm.spec.waves)
+    rows: dict[str, Any] = {}
+    if ledger_path(farm).is_file():
+        with Ledger.open(farm) as ledger:
+            rows = ledger.rows()
+    else:
+        console.print(f"no ledger yet ({ledger_path(farm)}): every établissement is planned",
+                      markup=False)
+    for w in waves:
+        etabs = farm.etablissements_of_wave(w.id)
+        counts: dict[str, int] = {}
+        table = Table(show_edge=False)
+        for column in ("UAI", "établissement", "status", "since", "live at", "last error"):
+            table.add_column(column, overflow="fold")
+        for e in etabs:
+            row = rows.get(e.uai)
+            status = row.status if row else "planned"
+            counts[status] = counts.get(status, 0) + 1
+            style = {"live": "green", "failed": "red", "onboarding": "yellow",
+                     "rolled_back": "magenta"}.get(status, "dim")
+            table.add_row(e.uai, e.name, f"[{style}]{status}[/{style}]",
+                          (row.updated_at[:19] if row else ""),
+                          (row.live_at or "")[:19] if row else "",
+                          (row.error or "") if row else "")
+        table.title = (f"wave {w.id}: {w.name} · "
+                       + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        console.print(table)
+
+
+@wave.command("rollback")
+@inventory_option
+@click.argument("uai")
+@aaf_export_option
+@click.option("--reason", default="", help="Why, for the ledger and the report.")
+def wave_rollback(inventory: str | None, uai: str, aaf_export: str | None, reason: str) -> None:
+    """Take one établissement out: accounts and tenants disabled, data kept, recorded."""
+    from .waves.ledger import Ledger
+
+    farm = _farm(inventory)
+    if aaf_export is None:
+        raise UserError("--aaf EXPORT is required: the directory step deactivates the "
+                        "établissement's accounts through an import of it")
+    if farm.kind == "lab":
+        _require_lab_up(farm)
+    renderer = _WaveRenderer()
+    try:
+        with Ledger.open(farm) as ledger:
+            etab = next((e for e in farm.spec.etablissements if e.uai == uai), None)
+            engine = _wave_engine(farm, ledger, aaf_export, "rollback",
+                                  etab.wave if etab else "x", renderer)
+            result = engine.rollback(uai, reason)
+    finally:
+        renderer.close()
+    table = Table(title=f"{uai}: {result.previous} -> rolled_back (ledger run {result.run_id})",
+                  show_edge=False)
+    for column in ("step", "outcome", "detail"):
+        table.add_column(column, overflow="fold")
+    for action in result.actions:
+        table.add_row(action["step"], action["outcome"], action["detail"])
+    console.print(table)
+
+
+@wave.command("report")
+@inventory_option
+@click.argument("wave_id", metavar="WAVE")
+@click.option("--out", "out", type=click.Path(path_type=str), default=None,
+              help="Directory for the report (default: <inventory>/state/reports).")
+def wave_report(inventory: str | None, wave_id: str, out: str | None) -> None:
+    """Write the wave's report for the Département and auditors: HTML (offline) and JSON."""
+    from pathlib import Path
+
+    from .waves.ledger import Ledger, ledger_path
+    from .waves.plan import wave_of
+    from .waves.report import write_report
+
+    farm = _farm(inventory)
+    wave_of(farm, wave_id)
+    if not ledger_path(farm).is_file():
+        raise UserError(f"no wave ledger at {ledger_path(farm)}: no wave was applied yet, "
+                        "nothing to report (`entfarm wave plan` shows what will happen)")
+    with Ledger.open(farm) as ledger:
+        files = write_report(farm, ledger, wave_id, Path(out) if out else None)
+    console.print(f"report: {files.html}\n        {files.json}", markup=False)
 
 
 def main() -> None:

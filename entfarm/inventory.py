@@ -54,6 +54,11 @@ def farm_vars(farm: Farm) -> dict[str, Any]:
         "entfarm_public_services": farm.public_services(),
         "entfarm_public_names": farm.all_public_names(),
         "entfarm_versions": dict(spec.versions),
+        # The portal's tiles (URLs resolved) and the branding of its generic name.
+        "entfarm_portal": {
+            "branding": farm.portal_branding().model_dump(),
+            "tiles": farm.portal_tiles(),
+        },
         "entfarm_artifacts": {
             "store": str((farm.inventory_dir / spec.artifacts.store).resolve()),
             "mirror": spec.artifacts.mirror,
@@ -61,7 +66,7 @@ def farm_vars(farm: Farm) -> dict[str, Any]:
             **artifacts_vars(farm),
         },
         # Port users reach HTTPS on: 443, or the lab's published port on 127.0.0.1.
-        "entfarm_public_https_port": farm.lab.publish.https if farm.kind == "lab" else 443,
+        "entfarm_public_https_port": farm.public_https_port,
         "entfarm_inventory_dir": str(farm.inventory_dir.resolve()),
         "entfarm_secrets_dir": str(farm.secrets_dir.resolve()),
         "entfarm_state_dir": str(farm.state_dir.resolve()),

@@ -444,6 +444,17 @@ def is_edge(host: FarmHost) -> bool:
     return "proxy" in host.services
 
 
+def network_aliases(farm: Farm, host: FarmHost) -> list[str]:
+    """Names the host answers to on the lab network: its farm name and, for the edge, every
+    public name of the farm, so that hosts reach public services (the portal validating
+    tickets at https://cas.<domain>/) through the edge as they would through DNS in
+    production. Docker's embedded DNS resolves them on every lab container."""
+    aliases = [host.name]
+    if is_edge(host):
+        aliases += [n for n in farm.all_public_names() if n not in aliases]
+    return aliases
+
+
 def container_spec(farm: Farm, host: FarmHost, image: str) -> dict[str, Any]:
     """``client.containers.create`` arguments for one host: systemd as PID 1 without --privileged.
 
@@ -468,7 +479,7 @@ def container_spec(farm: Farm, host: FarmHost, image: str) -> dict[str, Any]:
         "restart_policy": {"Name": "unless-stopped"},
         "network": network,
         # the alias lets hosts reach each other by their farm name (idp, edge ...)
-        "networking_config": {network: {"Aliases": [host.name]}},
+        "networking_config": {network: {"Aliases": network_aliases(farm, host)}},
         "ports": {},
     }
     if is_edge(host):

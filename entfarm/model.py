@@ -47,6 +47,9 @@ ACADEMIE_CODE_RE = r"^[0-9]{2}$"
 BASE_DN_RE = r"^dc=[a-z0-9-]+(,dc=[a-z0-9-]+)*$"
 SOURCE_NAME_RE = r"^[a-z0-9_-]+$"
 UAI_RE = r"^[0-9]{7}[A-Z]$"
+TILE_ID_RE = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+# Portal profiles a tile is shown to (entfarm/portal/config.py PROFILES, same order).
+PORTAL_PROFILES = ("eleve", "parent", "enseignant", "personnel", "direction", "administrateur")
 
 DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL_RE)]
 Domain = Annotated[str, StringConstraints(pattern=_DOMAIN.pattern, max_length=253)]
@@ -67,6 +70,8 @@ PATTERN_MEANING: dict[str, str] = {
     ACADEMIE_CODE_RE: 'an académie code of two digits, quoted (Orléans-Tours is "18")',
     BASE_DN_RE: "a base DN made of dc= parts, e.g. dc=ac-orleans-tours,dc=fr",
     SOURCE_NAME_RE: "an artifact name: lower-case letters, digits, '_' and '-'",
+    TILE_ID_RE: "a tile id: lower-case letters, digits, '_' and '-', at most 64, such as a "
+    "service name (etherpad, moodle)",
 }
 
 
@@ -154,6 +159,62 @@ class Departement(_Strict):
     name: str = Field(min_length=1, description="Name of the département, e.g. Loiret.")
     domain: Domain = Field(description="Public domain of the département's portal.")
     branding: Branding = Field(description="How the portal looks for this département.")
+
+
+IMAGE_SUFFIXES = (".svg", ".png", ".jpg", ".jpeg", ".webp")
+DEFAULT_PORTAL_COLORS = ("#1f3f66", "#f2f4f7")
+
+
+class PortalTile(_Strict):
+    id: Annotated[str, StringConstraints(pattern=TILE_ID_RE)] = Field(
+        description="Tile id, usually the service it opens (etherpad, moodle ...)."
+    )
+    label: str = Field(min_length=1, description="Title of the tile, in French.")
+    description: str | None = Field(default=None, description="One line under the title.")
+    url: str | None = Field(
+        default=None,
+        description="Where the tile leads; unset: https://<public name of the service with "
+        "this id>[:public port]/.",
+    )
+    profiles: list[Literal["eleve", "parent", "enseignant", "personnel", "direction",
+                           "administrateur"]] = Field(
+        min_length=1, description="Portal profiles that see the tile."
+    )
+    icon: str | None = Field(
+        default=None, description="Image (.svg, .png, .jpg, .webp), relative to the inventory."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"{value!r}: expected an absolute https URL "
+                             "(e.g. https://pad.ent.example.fr/)")
+        return value
+
+    @field_validator("icon")
+    @classmethod
+    def _image(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().endswith(IMAGE_SUFFIXES):
+            raise ValueError(f"{value!r}: expected an image file ending in "
+                             f"{', '.join(IMAGE_SUFFIXES)}")
+        return value
+
+
+class Portal(_Strict):
+    branding: Branding | None = Field(
+        default=None,
+        description="Branding of the generic portail.<domain> name; unset: the académie's "
+        "name in the portal's default colours.",
+    )
+    tiles: list[PortalTile] = Field(
+        default_factory=list,
+        description="Service tiles of the portal's home page, in this order; each is shown "
+        "to the profiles it lists.",
+    )
 
 
 class Wave(_Strict):
@@ -293,6 +354,9 @@ class FarmSpec(_Strict):
     artifacts: Artifacts = Field(
         default_factory=Artifacts, description="The farm's artifact store."
     )
+    portal: Portal = Field(
+        default_factory=Portal, description="The portal's tiles and generic branding."
+    )
     lab: Lab | None = Field(default=None, description="Lab settings (kind: lab).")
 
     @field_validator("versions", mode="before")
@@ -419,6 +483,38 @@ class Farm:
 
     def all_public_names(self) -> list[str]:
         return [n for s in self.public_services().values() for n in s["names"]]
+
+    @property
+    def public_https_port(self) -> int:
+        """Port users reach HTTPS on: 443, or the lab's published port on 127.0.0.1."""
+        return self.lab.publish.https if self.kind == "lab" else 443
+
+    def public_url(self, name: str) -> str:
+        """``https://<name>[:port]/`` as a user's browser reaches it."""
+        port = self.public_https_port
+        return f"https://{name}{'' if port == 443 else f':{port}'}/"
+
+    def portal_branding(self) -> Branding:
+        """Branding of the generic portal name: farm.yml's, else the académie's name."""
+        if self.spec.portal.branding is not None:
+            return self.spec.portal.branding
+        name = self.spec.academie.name
+        elided = name[:1].upper() in "AEIOUYÉÈÊÀÂÎÔH"
+        return Branding(name=f"ENT de l'académie {'d' + chr(39) if elided else 'de '}{name}",
+                        colors=Colors(primary=DEFAULT_PORTAL_COLORS[0],
+                                      secondary=DEFAULT_PORTAL_COLORS[1]))
+
+    def portal_tiles(self) -> list[dict[str, Any]]:
+        """The tiles with their URL resolved (a placed service's public name by default)."""
+        tiles = []
+        for tile in self.spec.portal.tiles:
+            url = tile.url
+            if url is None:
+                url = self.public_url(self.public_names(tile.id)[0])
+            tiles.append({"id": tile.id, "label": tile.label,
+                          "description": tile.description or "", "url": url,
+                          "profiles": list(tile.profiles), "icon": tile.icon})
+        return tiles
 
     def etablissements_of_wave(self, wave_id: str) -> list[Etablissement]:
         return [e for e in self.spec.etablissements if e.wave == wave_id]
@@ -812,6 +908,28 @@ def _reference_problems(src: Located, data: dict[str, Any]) -> list[Problem]:
             others = ", ".join(w for w, _, _ in users if w != who)
             add(where, f"public name {name!r} of {who} is also the public name of {others}; "
                 "each public name serves one service")
+    portal = data.get("portal")
+    tiles = portal.get("tiles") if isinstance(portal, dict) else None
+    if isinstance(tiles, list):
+        publishable = [s for s in services if s in SERVICE_CATALOGUE
+                       and (SERVICE_CATALOGUE[s].public_name or (
+                           isinstance(services[s], dict) and services[s].get("public_name")))]
+        seen_tiles: dict[str, int] = {}
+        for i, tile in enumerate(tiles):
+            if not isinstance(tile, dict) or not isinstance(tile.get("id"), str):
+                continue
+            tile_id = tile["id"]
+            if tile_id in seen_tiles:
+                add(("portal", "tiles", i, "id"),
+                    f"tile {tile_id!r} is already declared at portal.tiles[{seen_tiles[tile_id]}]; "
+                    "each tile appears once")
+                continue
+            seen_tiles[tile_id] = i
+            if tile.get("url") is None and tile_id not in publishable:
+                add(("portal", "tiles", i, "id"),
+                    f"tile {tile_id!r} has no url and is not a placed service with a public "
+                    f"name{_suggest(tile_id, publishable)}: set url: https://… or use the id of "
+                    f"one of: {', '.join(publishable) or 'none'}")
     if "proxy" not in services:
         add(("services",), "no host carries the 'proxy' service: the farm needs an edge "
             "(add services.proxy.hosts: [<host>])")

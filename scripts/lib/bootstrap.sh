@@ -38,7 +38,10 @@ ensure_python_env() {
   if ! dpkg-query -W -f='${Status}' slapd 2>/dev/null | grep -q "install ok installed"; then
     echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
   fi
-  apt_install debootstrap openssl git ca-certificates slapd ldap-utils
+  # chromium + chromium-driver (one Debian source package: always the same version) and
+  # libnss3-tools (certutil, to trust the farm CA): the portal's browser test in tests/lab.
+  apt_install debootstrap openssl git ca-certificates slapd ldap-utils \
+    chromium chromium-driver libnss3-tools
   local stamp="$VENV/.entfarm-installed"
   local want
   want="$(sha256sum "$ENTFARM_ROOT/pyproject.toml" | cut -d' ' -f1)"

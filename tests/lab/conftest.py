@@ -35,7 +35,14 @@ def fresh_lab(lab_farm: Farm) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def deployed_lab(lab_farm: Farm, fresh_lab: None) -> RunResult:
-    """The first deploy of the session (playbooks/site.yml on every lab host); it must succeed."""
+    """The first deploy of the session (playbooks/site.yml on every lab host); it must succeed.
+
+    The artifact store is built first (the portal's wheelhouse, from this checkout): the deploy
+    checks it before any host changes. A rebuild with unchanged sources changes nothing."""
+    from entfarm import artifacts
+
+    outcomes = artifacts.build(lab_farm, progress=print)
+    assert all(o.action in ("built", "updated", "unchanged") for o in outcomes), outcomes
     result = run_playbook(lab_farm)
     details = "\n".join(f"{f['host']} | {f['task']}: {f['message']}" for f in result.failures)
     assert result.exit_code == 0, f"deploy failed, run directory {result.run_dir}\n{details}"

@@ -157,7 +157,7 @@ def test_loiret_example_validates() -> None:
     assert len(spec.etablissements) == 57
     assert all(is_valid_uai(e.uai) and e.uai.startswith("045") for e in spec.etablissements)
     assert len({e.uai for e in spec.etablissements}) == 57
-    assert [len(farm.etablissements_of_wave(w.id)) for w in spec.waves] == [6, 15, 18, 18]
+    assert [len(farm.etablissements_of_wave(w.id)) for w in spec.waves] == [6, 15, 36]
     assert all(w.canary >= 1 and 0 < w.failure_threshold < 1 for w in spec.waves)
     assert spec.farm.apt_mirror and spec.farm.ntp_servers
     for host in spec.hosts:

@@ -109,6 +109,17 @@ CASES: dict[str, Case] = {
     "null section": Case(
         'versions:\n  debian: "12"', "versions:", "versions", "null", "expected a mapping",
         "versions:"),
+    "unknown portal profile": Case(
+        "      profiles: [eleve, parent, enseignant, direction]",
+        "      profiles: [eleve, parents, enseignant, direction]",
+        "portal.tiles[0].profiles[1]", "parents", "did you mean 'parent'?",
+        "profiles: [eleve, parents"),
+    "tile without url for a service without public name": Case(
+        "    - id: etherpad\n", "    - id: monitoring\n", "portal.tiles[2].id", "'monitoring'",
+        "set url: https://", "- id: monitoring"),
+    "duplicate tile": Case(
+        "    - id: nextcloud\n", "    - id: moodle  # dup\n", "portal.tiles[1].id", "'moodle'",
+        "already declared at portal.tiles[0]", "moodle  # dup"),
     "public name used twice": Case(
         "  etherpad:\n    hosts: [apps]", "  etherpad:\n    hosts: [apps]\n    public_name: cloud",
         "services.etherpad.public_name", "'cloud.ent.test'", "each public name serves one",
