@@ -44,7 +44,9 @@ ensure_python_env() {
     chromium chromium-driver libnss3-tools
   local stamp="$VENV/.entfarm-installed"
   local want
-  want="$(sha256sum "$ENTFARM_ROOT/pyproject.toml" | cut -d' ' -f1)"
+  # The extras installed are part of what the stamp stands for.
+  local extras="dev,portal"
+  want="$(cat "$ENTFARM_ROOT/pyproject.toml" <(echo "$extras") | sha256sum | cut -d' ' -f1)"
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating the virtualenv $VENV"
     python3 -m venv "$VENV"
@@ -52,7 +54,7 @@ ensure_python_env() {
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing entfarm and its pinned dependencies (a few minutes the first time)"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ENTFARM_ROOT[dev]"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ENTFARM_ROOT[$extras]"
     echo "$want" > "$stamp"
   fi
 }
