@@ -7,6 +7,8 @@ They keep the suites read-only and honest: a check that cannot run is skipped as
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from typing import Any
 
 import pytest
@@ -49,3 +51,34 @@ def role_suite(role: str, group: str | None = None) -> tuple[Any, Any]:
         return read_fact(host, role)
 
     return _hosts_only, fact
+
+
+def q(value: object) -> str:
+    """A value quoted for the host's shell."""
+    return shlex.quote(str(value))
+
+
+def name_check(address: str) -> str:
+    """openssl's option checking the certificate against the address clients use."""
+    is_ip = re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]*:[0-9a-fA-F:.]*", address) is not None
+    return f"-verify_ip {q(address)}" if is_ip else f"-verify_hostname {q(address)}"
+
+
+def inventory_vars(host: Any) -> dict[str, Any]:
+    """The host's inventory variables, or skip: checks reaching other hosts need the inventory."""
+    if host.backend.NAME != "ansible":
+        pytest.skip("not verifiable: needs the inventory (--hosts=ansible://…) to reach clients")
+    variables: dict[str, Any] = host.ansible.get_variables()
+    return variables
+
+
+def other_host(host: Any, name: str) -> Any:
+    """Another host of the same inventory, reached the way the inventory says."""
+    inventory_vars(host)
+    backend = host.backend
+    other = backend.ansible_runner.get_host(
+        name, ssh_config=backend.ssh_config, ssh_identity_file=backend.ssh_identity_file
+    )
+    if other is None:
+        pytest.skip(f"not verifiable: {name} is not reachable through the inventory")
+    return other

@@ -14,14 +14,12 @@ directory the consumer logs in over TLS. Nothing is written.
 from __future__ import annotations
 
 import json
-import re
-import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from entfarm.verifylib import read_fact, role_suite
+from entfarm.verifylib import inventory_vars, name_check, other_host, q, read_fact, role_suite
 
 PROBE = (Path(__file__).parent / "pgprobe.py").read_text()
 PSQL = "cd / && runuser -u postgres -- psql -XAtq -d postgres -c"
@@ -29,38 +27,9 @@ PSQL = "cd / && runuser -u postgres -- psql -XAtq -d postgres -c"
 _hosts_only, fact = role_suite("postgresql", group="postgresql")
 
 
-def q(value: object) -> str:
-    return shlex.quote(str(value))
-
-
-def name_check(address: str) -> str:
-    """openssl's option checking the certificate against the address clients use."""
-    is_ip = re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]*:[0-9a-fA-F:.]*", address) is not None
-    return f"-verify_ip {q(address)}" if is_ip else f"-verify_hostname {q(address)}"
-
-
 def sql(host: Any, query: str) -> str:
     out: str = host.check_output(f"{PSQL} {q(query)}")
     return out
-
-
-def inventory_vars(host: Any) -> dict[str, Any]:
-    if host.backend.NAME != "ansible":
-        pytest.skip("not verifiable: needs the inventory (--hosts=ansible://…) to reach clients")
-    variables: dict[str, Any] = host.ansible.get_variables()
-    return variables
-
-
-def other_host(host: Any, name: str) -> Any:
-    """Another host of the same inventory, reached the way the inventory says."""
-    inventory_vars(host)
-    backend = host.backend
-    other = backend.ansible_runner.get_host(
-        name, ssh_config=backend.ssh_config, ssh_identity_file=backend.ssh_identity_file
-    )
-    if other is None:
-        pytest.skip(f"not verifiable: {name} is not reachable through the inventory")
-    return other
 
 
 def probe(client: Any, server: dict[str, Any], user: str, database: str,

@@ -15,14 +15,12 @@ client out is that it holds no password (the default user is disabled). The chec
 from __future__ import annotations
 
 import json
-import re
-import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from entfarm.verifylib import read_fact, role_suite
+from entfarm.verifylib import inventory_vars, name_check, other_host, q, read_fact, role_suite
 
 PROBE = (Path(__file__).parent / "redisprobe.py").read_text()
 CLI = "/usr/local/sbin/entfarm-redis-cli"
@@ -30,37 +28,9 @@ CLI = "/usr/local/sbin/entfarm-redis-cli"
 _hosts_only, fact = role_suite("redis", group="redis")
 
 
-def q(value: object) -> str:
-    return shlex.quote(str(value))
-
-
-def name_check(address: str) -> str:
-    """openssl's option checking the certificate against the address clients use."""
-    is_ip = re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]*:[0-9a-fA-F:.]*", address) is not None
-    return f"-verify_ip {q(address)}" if is_ip else f"-verify_hostname {q(address)}"
-
-
 def admin(host: Any, command: str) -> str:
     out: str = host.check_output(f"{CLI} {command}")
     return out
-
-
-def inventory_vars(host: Any) -> dict[str, Any]:
-    if host.backend.NAME != "ansible":
-        pytest.skip("not verifiable: needs the inventory (--hosts=ansible://…) to reach clients")
-    variables: dict[str, Any] = host.ansible.get_variables()
-    return variables
-
-
-def other_host(host: Any, name: str) -> Any:
-    inventory_vars(host)
-    backend = host.backend
-    other = backend.ansible_runner.get_host(
-        name, ssh_config=backend.ssh_config, ssh_identity_file=backend.ssh_identity_file
-    )
-    if other is None:
-        pytest.skip(f"not verifiable: {name} is not reachable through the inventory")
-    return other
 
 
 def probe(client: Any, server: dict[str, Any], commands: list[str], user: str | None = None,

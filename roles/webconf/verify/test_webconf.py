@@ -14,12 +14,11 @@ server must refuse.
 from __future__ import annotations
 
 import re
-import shlex
 from typing import Any
 
 import pytest
 
-from entfarm.verifylib import read_fact, role_suite
+from entfarm.verifylib import name_check, q, read_fact, role_suite
 
 CONF = "/etc/turnserver.conf"
 # The secret, read on the host by the shell that runs the client.
@@ -28,16 +27,6 @@ SECRET = f"\"$(sed -n 's/^static-auth-secret=//p' {CONF})\""
 DENIED_PEERS = ["127.0.0.1", "10.255.255.1"]
 
 _hosts_only, fact = role_suite("webconf", group="webconf")
-
-
-def q(value: object) -> str:
-    return shlex.quote(str(value))
-
-
-def name_check(address: str) -> str:
-    """openssl's option checking the certificate against the address clients use."""
-    is_ip = re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]*:[0-9a-fA-F:.]*", address) is not None
-    return f"-verify_ip {q(address)}" if is_ip else f"-verify_hostname {q(address)}"
 
 
 def conf_lines(host: Any) -> list[str]:
