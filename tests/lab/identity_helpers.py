@@ -9,29 +9,30 @@ module's fixture (`from identity_helpers import imported`).
 from __future__ import annotations
 
 import csv
-import http.client
 import json
-import re
 import shlex
-import socket
 import ssl
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
-from html.parser import HTMLParser
-from http.cookies import SimpleCookie
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import pytest
 
+from entfarm import casclient
+
+# Re-exported: the lab tests and the portal benchmark take them from here with the rest.
+from entfarm.casclient import CAS_NS as CAS_NS
+from entfarm.casclient import Response as Response
+from entfarm.casclient import attributes as attributes
+from entfarm.casclient import portal_message as portal_message
+from entfarm.casclient import ticket_of as ticket_of
 from entfarm.model import Farm
 
 ROOT = Path(__file__).resolve().parents[2]
 IDP = "entfarm-lab-idp"
-CAS_NS = {"cas": "http://www.yale.edu/tp/cas"}
 PROFILES = {"élève": "National_ELV", "parent": "National_TUT", "enseignant": "National_ENS"}
 
 
@@ -129,143 +130,29 @@ def ldap_root_search(base: str, filt: str, *attrs: str) -> dict[str, list[str]]:
 
 
 # -- a browser, reaching every *.test name at 127.0.0.1 -----------------------------------------
+# The package's CAS client (entfarm/casclient.py, used by the wave gates), pointed at the edge
+# published on loopback; the names the tests use are kept.
 
 
-class _LoopbackHTTPS(http.client.HTTPSConnection):
-    """Connects to 127.0.0.1 but presents the URL's name (SNI and Host)."""
+class Browser(casclient.Browser):
+    """Cookies and HTTPS to 127.0.0.1, presenting the URL's name (SNI and Host)."""
 
-    def connect(self) -> None:
-        sock = socket.create_connection(("127.0.0.1", self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
-
-
-@dataclass
-class Response:
-    status: int
-    location: str
-    body: str
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        super().__init__(ctx, connect_to="127.0.0.1")
 
 
-class _Forms(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.forms: list[dict[str, Any]] = []
+class Cas(casclient.CasClient):
+    """The lab's CAS; ``validate`` gives the raw ``serviceResponse`` the tests inspect."""
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = {k: v or "" for k, v in attrs}
-        if tag == "form":
-            self.forms.append({"action": a.get("action", ""), "inputs": {}})
-        elif tag == "input" and self.forms and a.get("name"):
-            if a.get("type", "text") not in ("checkbox", "radio", "submit", "button"):
-                self.forms[-1]["inputs"][a["name"]] = a.get("value", "")
-
-
-@dataclass
-class Browser:
-    ctx: ssl.SSLContext
-    cookies: dict[str, str] = field(default_factory=dict)
-
-    def request(self, method: str, url: str, form: dict[str, str] | None = None) -> Response:
-        parts = urlsplit(url)
-        assert parts.scheme == "https" and parts.hostname, url
-        conn = _LoopbackHTTPS(parts.hostname, parts.port or 443, context=self.ctx, timeout=30)
-        headers = {"Accept-Language": "fr"}
-        if self.cookies:
-            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        body = None
-        if form is not None:
-            body = urlencode(form)
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        try:
-            conn.request(method, path or "/", body=body, headers=headers)
-            raw = conn.getresponse()
-            text = raw.read().decode("utf-8", "replace")
-        finally:
-            conn.close()
-        for header in raw.headers.get_all("Set-Cookie") or []:
-            jar: SimpleCookie = SimpleCookie()
-            jar.load(header)
-            for name, morsel in jar.items():
-                self.cookies[name] = morsel.value
-        return Response(raw.status, urljoin(url, raw.getheader("Location") or ""), text)
-
-    def follow(self, response: Response, url: str, until_host: str) -> tuple[Response, str]:
-        """Follow redirects that stay on the CAS server; stop at one leaving it."""
-        for _ in range(6):
-            if response.status not in (301, 302, 303, 307) or not response.location:
-                break
-            if urlsplit(response.location).hostname != until_host:
-                break
-            url = response.location
-            response = self.request("GET", url)
-        return response, url
-
-
-@dataclass
-class Cas:
-    portal: str  # https://cas.ent.test:8443/
-    ctx: ssl.SSLContext
+    def __init__(self, portal: str, ctx: ssl.SSLContext) -> None:
+        super().__init__(portal, ctx, connect_to="127.0.0.1")
 
     @property
-    def host(self) -> str:
-        return str(urlsplit(self.portal).hostname)
+    def portal(self) -> str:  # https://cas.ent.test:8443/
+        return self.base_url
 
-    def login_url(self, service: str) -> str:
-        return urljoin(self.portal, "cas/login?" + urlencode({"service": service}))
-
-    def login(self, browser: Browser, service: str, user: str, password: str) -> Response:
-        """Open the login page for the service and post the form: the last response (a redirect
-        to the service when the login succeeded)."""
-        url = self.login_url(service)
-        page, url = browser.follow(browser.request("GET", url), url, self.host)
-        assert page.status == 200, (page.status, page.location)
-        forms = _Forms()
-        forms.feed(page.body)
-        form = next((f for f in forms.forms if "password" in f["inputs"]), None)
-        assert form is not None, "no login form on the CAS login page"
-        fields = dict(form["inputs"], user=user, password=password)
-        target = urljoin(url, form["action"]).split("#", 1)[0]
-        answer = browser.request("POST", target, fields)
-        return browser.follow(answer, target, self.host)[0]
-
-    def ticket_for(self, browser: Browser, service: str) -> str | None:
-        """A service ticket for an SSO session already open in the browser, or None."""
-        url = self.login_url(service)
-        return ticket_of(browser.follow(browser.request("GET", url), url, self.host)[0], service)
-
-    def validate(self, service: str, ticket: str) -> ET.Element:
-        url = urljoin(self.portal, "cas/p3/serviceValidate?"
-                      + urlencode({"service": service, "ticket": ticket}))
-        answer = Browser(self.ctx).request("GET", url)
-        assert answer.status == 200, answer.status
-        return ET.fromstring(answer.body)
-
-
-def portal_message(response: Response) -> str:
-    """The portal's message code (LemonLDAP::NG's trmsg: 5 bad credentials, 9 first access…)."""
-    codes = re.findall(r'trmsg="([0-9]+)"', response.body)
-    return f"HTTP {response.status}, portal message {','.join(codes) or 'none'}"
-
-
-def ticket_of(response: Response, service: str) -> str | None:
-    """The ticket of a redirect to the service, None when the response is anything else."""
-    if response.status not in (302, 303) or not response.location.startswith(service):
-        return None
-    tickets = parse_qs(urlsplit(response.location).query).get("ticket", [])
-    return tickets[0] if tickets else None
-
-
-def attributes(success: ET.Element) -> dict[str, list[str]]:
-    """CAS 3.0 attributes; multi-valued ones as repeated elements or joined with ';'."""
-    out: dict[str, list[str]] = {}
-    block = success.find("cas:attributes", CAS_NS)
-    for element in [] if block is None else list(block):
-        name = element.tag.rsplit("}", 1)[-1]
-        for value in (element.text or "").split(";"):
-            if value.strip():
-                out.setdefault(name, []).append(value.strip())
-    return out
+    def validate(self, service: str, ticket: str) -> ET.Element:  # type: ignore[override]
+        return self.validate_xml(service, ticket)
 
 
 @pytest.fixture(scope="module")
