@@ -77,7 +77,11 @@ AAF_ELEVES_PER_COLLEGE = "10"
 TARGET_LOGINS_PER_S = 20.0
 TARGET_HOME_P95_MS = 500.0
 TARGET_USERS = 50
+# Browsers keep their connections open (HTTP/1.1 keep-alive); "new" opens a TCP connection and
+# does a full TLS handshake for every request, a worst case kept as a reference.
+KEEP_ALIVE = {"keep-alive": True, "new": False}
 STOPPED_NODE = "portal-2"
+CONNECTIONS = ["keep-alive"]  # set from --connections
 
 
 def _say(line: str) -> None:
@@ -242,7 +246,7 @@ def get(browser: Browser, url: str, budget: Budget) -> Response:
 def login(cas: Cas, portal: str, account: Account, budget: Budget,
           phases: dict[str, Phase]) -> Session | None:
     """One complete CAS login; each step's time in its phase, the whole in phases["login"]."""
-    browser = Browser(cas.ctx)
+    browser = Browser(cas.ctx, KEEP_ALIVE[CONNECTIONS[0]])
     start = t = time.monotonic()
     step = "portal"
     try:
@@ -285,7 +289,7 @@ def simple_phase(name: str, url: str, expect: int, users: int, per_user: int, ct
     phase = Phase(name)
 
     def job(_: int) -> None:
-        browser = Browser(ctx)
+        browser = Browser(ctx, KEEP_ALIVE[CONNECTIONS[0]])
         for _ in range(per_user):
             if not budget.take():
                 return
@@ -441,9 +445,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5, help="logins before measuring")
     parser.add_argument("--max-requests", type=int, default=20000, help="in the whole run")
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds, whole run")
+    parser.add_argument("--connections", choices=sorted(KEEP_ALIVE), default="keep-alive",
+                        help="per simulated browser: keep-alive (as browsers do) or a new TLS "
+                        "connection per request (worst case)")
     parser.add_argument("--no-import", action="store_true", help="use the accounts already there")
     parser.add_argument("--out", type=Path, default=REPO / "test-artifacts" / "portal-load")
     args = parser.parse_args()
+    CONNECTIONS[0] = args.connections
     layouts = [int(n) for n in args.nodes.split(",")]
     if not set(layouts) <= {1, 2}:
         raise BenchError("--nodes takes 2, 1 or 2,1")
@@ -478,7 +486,7 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     started = dt.datetime.now(dt.UTC)
     for nodes in layouts:
-        label = f"{nodes} portal node{'s' if nodes > 1 else ''}"
+        label = f"{nodes} portal node{'s' if nodes > 1 else ''}, {args.connections}"
         if nodes == 1:
             _say(f"stopping {unit} on {STOPPED_NODE}")
             set_unit(farm, unit, "stop")

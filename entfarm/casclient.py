@@ -67,25 +67,43 @@ class _Forms(HTMLParser):
 
 @dataclass
 class Browser:
-    """Cookies and HTTPS requests; redirects are followed by the caller, one hop at a time."""
+    """Cookies and HTTPS requests; redirects are followed by the caller, one hop at a time.
+
+    ``keep_alive``: one connection per host and port, reused as a browser does (HTTP/1.1
+    keep-alive); otherwise a new TCP connection and TLS handshake per request."""
 
     ctx: ssl.SSLContext
     connect_to: str | None = None
     timeout: float = 30.0
     cookies: dict[str, str] = field(default_factory=dict)
+    keep_alive: bool = False
+    _open: dict[tuple[str, int], http.client.HTTPSConnection] = field(
+        default_factory=dict, repr=False)
+
+    def _connection(self, host: str, port: int) -> http.client.HTTPSConnection:
+        if self.keep_alive and (host, port) in self._open:
+            return self._open[(host, port)]
+        conn: http.client.HTTPSConnection
+        if self.connect_to:
+            conn = _Connection(host, port, connect_to=self.connect_to, context=self.ctx,
+                               timeout=self.timeout)
+        else:
+            conn = http.client.HTTPSConnection(host, port, context=self.ctx,
+                                               timeout=self.timeout)
+        if self.keep_alive:
+            self._open[(host, port)] = conn
+        return conn
+
+    def close(self) -> None:
+        for conn in self._open.values():
+            conn.close()
+        self._open.clear()
 
     def request(self, method: str, url: str, form: dict[str, str] | None = None) -> Response:
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
             raise CasClientError(f"not an https URL: {url}")
         port = parts.port or 443
-        conn: http.client.HTTPSConnection
-        if self.connect_to:
-            conn = _Connection(parts.hostname, port, connect_to=self.connect_to,
-                               context=self.ctx, timeout=self.timeout)
-        else:
-            conn = http.client.HTTPSConnection(parts.hostname, port, context=self.ctx,
-                                               timeout=self.timeout)
         headers = {"Accept-Language": "fr"}
         if self.cookies:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
@@ -94,15 +112,28 @@ class Browser:
             body = urlencode(form)
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            raw = conn.getresponse()
-            text = raw.read(MAX_BODY).decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException) as exc:
-            raise CasClientError(f"{method} {parts.scheme}://{parts.netloc}{parts.path}: "
-                                 f"{exc}") from exc
-        finally:
+        # A kept connection the server has closed meanwhile fails at once: retried once anew.
+        reused = self.keep_alive and (parts.hostname, port) in self._open
+        for attempt in (1, 2):
+            conn = self._connection(parts.hostname, port)
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                raw = conn.getresponse()
+                text = raw.read(MAX_BODY).decode("utf-8", "replace")
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                self._open.pop((parts.hostname, port), None)
+                if reused and attempt == 1:
+                    continue
+                raise CasClientError(f"{method} {parts.scheme}://{parts.netloc}{parts.path}: "
+                                     f"{exc}") from exc
+            finally:
+                if not self.keep_alive:
+                    conn.close()
+        if raw.will_close:
             conn.close()
+            self._open.pop((parts.hostname, port), None)
         for header in raw.headers.get_all("Set-Cookie") or []:
             jar: SimpleCookie = SimpleCookie()
             jar.load(header)

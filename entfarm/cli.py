@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -648,7 +649,7 @@ class _WaveRenderer:
 
 
 def _wave_engine(farm: Farm, ledger: Any, aaf_export: str | None, command: str,
-                 wave_id: str, renderer: _WaveRenderer) -> Any:
+                 wave_id: str, renderer: Callable[[Any], None]) -> Any:
     from .runner import new_run_dir
     from .waves.engine import Engine
     from .waves.steps import central_preflight, deployed_versions

@@ -202,6 +202,7 @@ class DistributedAccount:
     login: str
     code: str
     profil: str
+    distributed: str = ""  # the distribution file's name: comptes-<time>.csv
 
 
 def distributed_accounts(farm: Farm, uai: str) -> dict[str, DistributedAccount]:
@@ -213,8 +214,12 @@ def distributed_accounts(farm: Farm, uai: str) -> dict[str, DistributedAccount]:
         with path.open(encoding="utf-8", newline="") as fh:
             for row in csv.DictReader(fh, delimiter=";"):
                 accounts[row["login"]] = DistributedAccount(
-                    row["login"], row["code_activation"], row["profil"])
+                    row["login"], row["code_activation"], row["profil"], path.name)
     return accounts
+
+
+# Distributed élèves the gate considers, most recently distributed first.
+GATE_CANDIDATES = 50
 
 
 class CasLoginGate:
@@ -228,8 +233,11 @@ class CasLoginGate:
 
     name = "CAS logins"
 
-    def __init__(self, farm: Farm):
+    def __init__(self, farm: Farm, directory: Callable[[], Any] | None = None):
         self.farm = farm
+        # Where to check that a distributed account still exists and is active: a login
+        # distributed by an earlier import may have left since, or its entry been deleted.
+        self.directory = directory
 
     def client(self) -> Any:
         from ..casclient import CasClient
@@ -250,15 +258,36 @@ class CasLoginGate:
             raise UserError(f"{self.farm.file}: no services.portal; the CAS gate logs in to it")
         return self.farm.public_url(names[0])
 
+    def _active(self, etab: Etablissement, logins: list[str]) -> set[str]:
+        from ..aaf.importer import _filter_escape
+
+        assert self.directory is not None
+        base = self.farm.spec.academie.base_dn
+        structure = f"ENTStructureUAI={etab.uai},ou=structures,{base}"
+        terms = "".join(f"(uid={_filter_escape(login)})" for login in logins)
+        found = self.directory().search(
+            f"ou=people,{base}",
+            f"(&(ENTPersonEtat=ACTIF)(ENTPersonStructRattach={structure})(|{terms}))",
+            ("uid",), "one")
+        return {v for e in found.values() for v in e.get("uid", [])}
+
     def verify(self, etab: Etablissement) -> Evidence:
         from ..casclient import CasClientError, portal_message, ticket_of
 
         eleves = sorted((a for a in distributed_accounts(self.farm, etab.uai).values()
-                         if a.profil == "élève"), key=lambda a: a.login)
+                         if a.profil == "élève"), key=lambda a: (a.distributed, a.login),
+                        reverse=True)[:GATE_CANDIDATES]
         if not eleves:
             return Evidence(self.name, FAILED_GATE,
                             f"no élève account distributed for {etab.uai} (state/aaf/"
                             "distribution): the import provisioned nobody there")
+        if self.directory is not None:
+            active = self._active(etab, [a.login for a in eleves])
+            eleves = [a for a in eleves if a.login in active]
+            if not eleves:
+                return Evidence(self.name, FAILED_GATE,
+                                f"none of the {GATE_CANDIDATES} élèves last distributed for "
+                                f"{etab.uai} is active in the directory")
         account = eleves[0]
         service = self.service()
         data: dict[str, Any] = {"account": account.login, "service": service}
@@ -311,7 +340,7 @@ class DirectoryStep(Step):
         self.scope = scope
         self.progress = progress
         self.counts = counts or {}  # UAI -> category -> persons, for the plan
-        self.gate_impl = CasLoginGate(farm)
+        self.gate_impl = CasLoginGate(farm, self._directory)
 
     def _directory(self) -> Any:
         from ..aaf.importer import Directory

@@ -137,8 +137,8 @@ def ldap_root_search(base: str, filt: str, *attrs: str) -> dict[str, list[str]]:
 class Browser(casclient.Browser):
     """Cookies and HTTPS to 127.0.0.1, presenting the URL's name (SNI and Host)."""
 
-    def __init__(self, ctx: ssl.SSLContext) -> None:
-        super().__init__(ctx, connect_to="127.0.0.1")
+    def __init__(self, ctx: ssl.SSLContext, keep_alive: bool = False) -> None:
+        super().__init__(ctx, connect_to="127.0.0.1", keep_alive=keep_alive)
 
 
 class Cas(casclient.CasClient):
