@@ -31,8 +31,12 @@ def verify_suites(roles: list[str]) -> list[str]:
 
 
 def run_verify(farm: Farm, roles: list[str], limit: str = "all",
-               extra_args: list[str] | None = None) -> int:
-    """Run pytest in a child process; returns its exit code. The report goes to the run dir."""
+               extra_args: list[str] | None = None, hosts: list[str] | None = None) -> int:
+    """Run pytest in a child process; returns its exit code. The report goes to the run dir.
+
+    ``limit`` is one testinfra host pattern (a host or group name, shell wildcards allowed;
+    testinfra knows no Ansible ``:`` or ``!`` patterns, which match nothing there); ``hosts``,
+    when given, names the hosts one by one instead."""
     root = project_root()
     run_dir = new_run_dir(farm, "verify")
     # testinfra's Ansible backend calls ansible-inventory: use the one installed beside us.
@@ -41,7 +45,8 @@ def run_verify(farm: Farm, roles: list[str], limit: str = "all",
                PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
     cmd = [
         sys.executable, "-m", "pytest", *verify_suites(roles),
-        f"--hosts=ansible://{limit}",
+        "--hosts=" + (",".join(f"ansible://{h}" for h in hosts) if hosts
+                      else f"ansible://{limit}"),
         f"--ansible-inventory={farm.file.resolve()}",
         "-p", "no:cacheprovider",
         "-rs",  # list every "not verifiable" skip with its reason

@@ -472,3 +472,34 @@ def test_directory_step_imports_wave_by_wave_and_rollback_keeps_data(
     kept = directory.search(f"ou=people,{directory.base}",
                             f"(ENTPersonStructRattach={dn})", ("ENTPersonEtat",))
     assert kept and all(e["ENTPersonEtat"] == ["DESACTIVE"] for e in kept.values())
+
+
+@pytest.mark.parametrize(("tests", "skipped", "rc", "outcome"), [
+    (137, 137, 0, "failed"),   # every suite skipped: nothing was checked
+    (137, 20, 0, PASSED),
+    (137, 20, 1, "failed"),
+])
+def test_central_preflight_passes_only_when_checks_ran(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tests: int, skipped: int, rc: int,
+        outcome: str) -> None:
+    import entfarm.verify
+    from entfarm.waves.steps import central_preflight
+
+    farm = load_farm(LAB)
+    seen: dict[str, object] = {}
+
+    def fake_run_verify(farm_: Farm, roles: list[str], limit: str = "all",
+                        extra_args: list[str] | None = None,
+                        hosts: list[str] | None = None) -> int:
+        seen["hosts"] = hosts
+        report = next(a for a in extra_args or [] if a.startswith("--junitxml="))
+        Path(report.split("=", 1)[1]).write_text(
+            f'<testsuites><testsuite name="pytest" tests="{tests}" skipped="{skipped}" '
+            'failures="0" errors="0"/></testsuites>', encoding="utf-8")
+        return rc
+
+    monkeypatch.setattr(entfarm.verify, "run_verify", fake_run_verify)
+    [evidence] = central_preflight(farm, tmp_path)
+    assert evidence.outcome == outcome, evidence
+    # The central hosts by name (testinfra matches no "all:!group" pattern), no school server.
+    assert seen["hosts"] == [h.name for h in farm.hosts() if not h.name.startswith("se-")]
