@@ -14,6 +14,7 @@ server must refuse.
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Any
 
 import pytest
@@ -41,10 +42,16 @@ def uclient(host: Any, *args: str, secret: str = SECRET, peer: str = "127.0.0.1"
     With attempts > 1 the client is run again until an allocation is received: its TLS mode
     hangs now and then in its own SSL_connect loop while the server answers every other TLS
     client (coturn issue 376: the test client's TLS support is its weak point).
+
+    Each call authenticates as a user of its own: coturn counts ``user-quota`` per name (the
+    part after the REST API timestamp), the client makes two UDP allocations per run and leaves
+    them to expire (10 minutes). Under one fixed name, two verification runs within ten minutes
+    reached the quota (486 Allocation Quota Reached) and failed for that reason alone.
     """
     if not host.exists("turnutils_uclient"):
         pytest.skip("not verifiable: turnutils_uclient (coturn) is missing on this host")
-    client = (f"timeout 10 turnutils_uclient -v -n 1 -c -u entfarm-verify -W {secret} "
+    user = f"entfarm-verify-{secrets.token_hex(4)}"
+    client = (f"timeout 10 turnutils_uclient -v -n 1 -c -u {user} -W {secret} "
               f"-e {q(peer)} {' '.join(args)} 2>&1")
     cmd = host.run(
         f"cd /tmp && for i in $(seq {attempts}); do out=$({client}); "
