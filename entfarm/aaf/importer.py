@@ -438,24 +438,29 @@ def run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool = 
                force: bool = False, max_deactivate: float = 0.10,
                now: dt.datetime | None = None, progress: Progress = lambda _line: None,
                full_compare: bool = False, scope: Collection[str] | None = None,
-               held: Collection[str] = ()) -> ImportResult:
-    """Import an export; ``scope`` and ``held`` as in :func:`compute` (the wave ledger's)."""
+               held: Collection[str] = (), export: Export | None = None) -> ImportResult:
+    """Import an export; ``scope`` and ``held`` as in :func:`compute` (the wave ledger's).
+
+    ``export``: ``path`` already read by :func:`load` (a wave imports the same export once per
+    batch and reads it once); None reads it here.
+    """
     with no_gc():
         return _run_import(path, farm, directory, dry_run=dry_run, force=force,
                            max_deactivate=max_deactivate, now=now, progress=progress,
-                           full_compare=full_compare, scope=scope, held=held)
+                           full_compare=full_compare, scope=scope, held=held, export=export)
 
 
 def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                 force: bool, max_deactivate: float, now: dt.datetime | None,
                 progress: Progress, full_compare: bool, scope: Collection[str] | None,
-                held: Collection[str]) -> ImportResult:
+                held: Collection[str], export: Export | None) -> ImportResult:
     now = now or dt.datetime.now(dt.UTC)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     # The directory is read while the export is parsed; compute() takes these results.
     directory.prefetch(reads(farm.spec.academie.base_dn, full_compare))
-    export = load(path, progress=progress)
+    if export is None:
+        export = load(path, progress=progress)
     timings["read"] = time.monotonic() - t0
     if export.blocking:
         shown = "\n".join(p.render() for p in export.blocking[:20])

@@ -347,6 +347,22 @@ class DirectoryStep(Step):
         self.progress = progress
         self.counts = counts or {}  # UAI -> category -> persons, for the plan
         self.gate_impl = CasLoginGate(farm, self._directory)
+        # The export as read by the first batch, with the signature of its files: every batch
+        # of a run imports the same export, and reading 50 collèges' XML costs more than a
+        # batch's own accounts. Kept in memory for this run only, never on disk (minors' data).
+        self._read: tuple[tuple[tuple[str, int, int], ...], Any] | None = None
+
+    def _export(self) -> Any:
+        """The export, read again only when a file of it was added, removed or rewritten."""
+        from ..aaf.export import load
+
+        assert self.export is not None
+        files = sorted(f for f in self.export.iterdir() if f.is_file())
+        signature = tuple((f.name, st.st_size, st.st_mtime_ns) for f in files
+                          for st in [f.stat()])
+        if self._read is None or self._read[0] != signature:
+            self._read = (signature, load(self.export, progress=self.progress))
+        return self._read[1]
 
     def _directory(self) -> Any:
         from ..aaf.importer import Directory
@@ -400,7 +416,7 @@ class DirectoryStep(Step):
         held -= scope
         try:
             result = run_import(self.export, self.farm, self._directory(), scope=scope,
-                                held=held, progress=self.progress)
+                                held=held, progress=self.progress, export=self._export())
         except UserError as exc:  # a refusal or a failed ldapmodify: the whole batch failed
             return {e.uai: exc for e in etabs}
         for uai, counts in sorted(result.changes.per_uai.items()):
@@ -420,7 +436,7 @@ class DirectoryStep(Step):
         scope.discard(etab.uai)
         held.add(etab.uai)
         result = run_import(self.export, self.farm, self._directory(), scope=scope, held=held,
-                            progress=self.progress)
+                            progress=self.progress, export=self._export())
         counts = result.changes.per_uai.get(etab.uai)
         n = counts["people deactivate"] if counts else 0
         return (f"{n} account(s) deactivated (ENTPersonEtat DESACTIVE), entries and groups "

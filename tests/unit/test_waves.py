@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sqlite3
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aaf_conftest import REPO, Slapd, slapd
@@ -503,3 +505,33 @@ def test_central_preflight_passes_only_when_checks_ran(
     assert evidence.outcome == outcome, evidence
     # The central hosts by name (testinfra matches no "all:!group" pattern), no school server.
     assert seen["hosts"] == [h.name for h in farm.hosts() if not h.name.startswith("se-")]
+
+
+def test_directory_step_reads_the_export_once_per_run_unless_it_changes(
+        slapd_farm: tuple[Farm, Directory, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from entfarm.aaf import export as export_module
+
+    farm, directory, export = slapd_farm
+    reads: list[Path] = []
+    real_load = export_module.load
+
+    def counting_load(path: Path, progress: Any = None) -> Any:
+        reads.append(path)
+        return real_load(path, progress=progress)
+
+    monkeypatch.setattr(export_module, "load", counting_load)
+    with Ledger.open(farm) as ledger:
+        class Stubbed(DirectoryStep):
+            def verify(self, etab: Etablissement) -> Evidence:
+                return Evidence("CAS logins", PASSED, "stub: lab tests log in for real")
+
+        step = Stubbed(farm, export, ledger.scope, directory=lambda: directory)
+        result = _engine(farm, ledger, step).apply("1")
+        assert len(result.batches) >= 2, "the wave must have several batches for this test"
+        assert reads == [export]  # one read for every batch of the run
+        assert all(_active(directory, u) > 20 for u in _uais(farm, "1"))
+        # A file of the export rewritten (a new Delta dropped in, a corrected file): read again.
+        victim = sorted(export.iterdir())[0]
+        os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+        assert _engine(farm, ledger, step).apply("2").ok
+        assert reads == [export, export]
