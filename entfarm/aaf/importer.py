@@ -204,6 +204,17 @@ def _diff(current: ldif.Entry, desired: ldif.Entry, managed: tuple[str, ...]
             if not _same(n, current.get(n, none), desired.get(n, none))}
 
 
+def _member_changes(current: list[str], desired: list[str]) -> tuple[list[str], list[str]]:
+    """Member values to add and to delete, one by one: a replace of the whole list makes the
+    memberof overlay rewrite memberOf on every member of the group, not only on those who moved.
+    DNs compare without case (distinguishedNameMatch; the member DNs the importer writes hold
+    no escapes or spaces that would need a fuller normalisation)."""
+    have = {v.lower() for v in current}
+    want = {v.lower() for v in desired}
+    return ([v for v in desired if v.lower() not in have],
+            [v for v in current if v.lower() not in want])
+
+
 def _uais_of(entry: ldif.Entry) -> list[str]:
     out = []
     for dn in entry.get("ENTPersonEtablissements", []) + entry.get("ENTPersonStructRattach", []):
@@ -371,9 +382,12 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             cs.ldif_parts.append(ldif.add(dn, entry))
             cs.count("groups add", cn.split("$")[0])
         else:
-            changes = _diff(groups[dn], entry, GROUP_ATTRIBUTES)
-            if changes:
-                cs.ldif_parts.append(ldif.modify(dn, changes))
+            current = groups[dn]
+            changes = _diff(current, entry, ("objectClass", "cn"))
+            added, removed = _member_changes(current.get("member", []), entry["member"])
+            if changes or added or removed:
+                cs.ldif_parts.append(ldif.modify(dn, changes, add={"member": added},
+                                                 delete={"member": removed}))
                 cs.count("groups modify", cn.split("$")[0])
     for dn, entry in sorted(groups.items()):
         cn = (entry.get("cn") or [""])[0]
