@@ -2,8 +2,9 @@
 
 Generates a ~100 000-person Complet export and a 1 % Delta for a temporary copy of the lab farm
 with enough onboarded collèges, starts a throwaway slapd configured exactly like the unit tests'
-(tests/unit/aaf_conftest.py: cn=config by slapadd -n0, the project's SDET schema, mdb, ldapi,
-SASL EXTERNAL) and measures, each importer run in a child process so that its peak RSS is its own:
+(tests/unit/aaf_conftest.py: cn=config by slapadd -n0, the project's SDET schema, mdb with the
+indexes and overlays of roles/directory (memberof, refint, syncprov), ldapi, SASL EXTERNAL) and
+measures, each importer run in a child process so that its peak RSS is its own:
 
   reference  slapadd -q of the same entries (the importer's own dry-run LDIF of the full import)
              into an empty database of the same configuration, on the same host

@@ -1,18 +1,22 @@
 """A real slapd for the AAF import tests: its own cn=config (slapadd -n0) with the project's SDET
-schema, an mdb database for dc=fr, an ldapi socket in a temporary directory, and SASL EXTERNAL
-as the current uid for rootdn. Each test gets a fresh base DN dc=tN,dc=fr under it.
+schema, an mdb database for dc=fr with the modules, indexes and overlays of roles/directory
+(memberof, refint, syncprov: read from the role's variables, so that tests and the benchmark
+write through the same overlays as production), an ldapi socket in a temporary directory, and
+SASL EXTERNAL as the current uid for rootdn. Each test gets a fresh base DN dc=tN,dc=fr under it.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -21,15 +25,47 @@ from entfarm.aaf.importer import Directory
 from entfarm.aaf.transport import LocalTransport
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEMA_DIR = REPO / "roles" / "directory" / "files" / "schema"
+ROLE = REPO / "roles" / "directory"
+SCHEMA_DIR = ROLE / "files" / "schema"
+_ROLE_VARS: dict[str, Any] = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+_ROLE_DEFAULTS: dict[str, Any] = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
 # The schema and its evolutions, in the order roles/directory loads them.
-SCHEMAS = [SCHEMA_DIR / f"{name}.ldif" for name in yaml.safe_load(
-    (REPO / "roles" / "directory" / "vars" / "main.yml").read_text())["directory__schemas"]]
+SCHEMAS = [SCHEMA_DIR / f"{name}.ldif" for name in _ROLE_VARS["directory__schemas"]]
+_VARIABLE = re.compile(r"^\{\{\s*(\w+)\s*(?:\|\s*string\s*)?\}\}$")
 SLAPD = Path("/usr/sbin/slapd")
 _counter = itertools.count(1)
 
 
+def _role_values(value: Any) -> list[str]:
+    """A role setting as LDAP values: "{{ directory__x }}" (optionally "| string") is looked up in
+    the role's defaults; the overlay settings use no other template."""
+    if isinstance(value, str):
+        m = _VARIABLE.match(value)
+        if m:
+            value = _ROLE_DEFAULTS[m.group(1)]
+        elif "{{" in value:
+            raise ValueError(f"roles/directory setting {value!r}: only plain variables are read")
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _overlays() -> str:
+    """The role's overlays (directory__overlays), as slapadd -n0 entries of database {1}."""
+    out = []
+    for o in _ROLE_VARS["directory__overlays"]:
+        name = f"{o['index']}{o['name']}"
+        lines = [f"dn: olcOverlay={name},olcDatabase={{1}}mdb,cn=config",
+                 "objectClass: olcOverlayConfig", f"objectClass: {o['class']}",
+                 f"olcOverlay: {name}"]
+        lines += [f"{k}: {v}" for k, vs in o["settings"].items() for v in _role_values(vs)]
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
 def _config(root: Path, identity: str) -> str:
+    # Password hash modules are not needed to store the importer's {SSHA} values.
+    modules = "\n".join(f"olcModuleLoad: {m}" for m in _ROLE_DEFAULTS["directory__modules"]
+                        if m not in ("argon2", "pw-sha2"))
+    indexes = "\n".join(f"olcDbIndex: {i}" for i in _ROLE_DEFAULTS["directory__indexes"])
     ours = "\n".join(f"include: file://{path}\n" for path in SCHEMAS)
     schemas = "".join(f"include: file:///etc/ldap/schema/{name}.ldif\n\n"
                       for name in ("core", "cosine", "nis", "inetorgperson"))
@@ -43,7 +79,7 @@ dn: cn=module{{0}},cn=config
 objectClass: olcModuleList
 cn: module{{0}}
 olcModulePath: /usr/lib/ldap
-olcModuleLoad: back_mdb
+{modules}
 
 dn: cn=schema,cn=config
 objectClass: olcSchemaConfig
@@ -71,9 +107,9 @@ olcRootDN: {identity}
 olcDbDirectory: {root}/db
 olcDbMaxSize: 1073741824
 olcDbNoSync: TRUE
-olcDbIndex: objectClass eq
-olcDbIndex: ENTPersonJointure eq,pres
-"""
+{indexes}
+
+{_overlays()}"""
 
 
 class Slapd:

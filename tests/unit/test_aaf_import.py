@@ -158,6 +158,9 @@ def test_class_move_changes_one_member_value_each_way(
     groups = directory.search(f"ou=groups,{directory.base}", "(objectClass=groupOfNames)",
                               ("member",))
     assert moved in groups[new]["member"] and moved not in groups[old]["member"]
+    # The memberof overlay (the role's, in the test slapd) followed the two value changes.
+    member_of = directory.search(moved, "(objectClass=*)", ("memberOf",), "base")[moved]
+    assert new in member_of["memberOf"] and old not in member_of["memberOf"]
 
 
 def _refused(feed: Path, farm: Farm, directory: Directory, **kw: object) -> str:
