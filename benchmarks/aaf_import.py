@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -114,43 +113,24 @@ def make_exports(inventory: Path, work: Path) -> tuple[Path, list[Path], dict[st
 # -- slapd ----------------------------------------------------------------------------------------
 
 
-def slapd_config(root: Path) -> str:
-    from aaf_conftest import _config  # the unit tests' configuration, unchanged but its size
-
-    identity = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},"
-                "cn=peercred,cn=external,cn=auth")
-    text: str = _config(root, identity)
-    return text.replace("olcDbMaxSize: 1073741824", "olcDbMaxSize: 8589934592")
-
-
 def init_config(root: Path) -> None:
-    (root / "conf").mkdir(parents=True)
-    (root / "db").mkdir()
-    (root / "config.ldif").write_text(slapd_config(root), encoding="utf-8")
-    subprocess.run([str(SLAPD), "-T", "add", "-n0", "-F", str(root / "conf"),
-                    "-l", str(root / "config.ldif")], check=True, capture_output=True)
+    """The unit tests' configuration (aaf_conftest), unchanged but its map size."""
+    from aaf_conftest import init_slapd
+
+    init_slapd(root, max_size=8589934592)
 
 
 class Server:
     def __init__(self, root: Path):
+        from aaf_conftest import SlapdProcess
+
         self.root = root
-        self.uri = "ldapi://" + urllib.parse.quote(str(root / "ldapi"), safe="")
         init_config(root)
-        self.proc = subprocess.Popen(
-            [str(SLAPD), "-d", "0", "-F", str(root / "conf"), "-h", self.uri],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not (root / "ldapi").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit("slapd did not start")
-            time.sleep(0.05)
-        while subprocess.run(["ldapsearch", "-Q", "-Y", "EXTERNAL", "-H", self.uri, "-s", "base",
-                              "-b", "", "1.1"], capture_output=True, check=False).returncode:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit("slapd does not answer")
-            time.sleep(0.05)
+        # Started and stopped through its pid file: a bulk load in the importer's child process
+        # stops and starts it too (aaf_conftest.SlapdProcess, as in the unit tests).
+        self.process = SlapdProcess(root)
+        self.uri = self.process.uri
+        self.process.start()
         self.ldapadd(b"dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\n"
                      b"o: fr\n\n" + _base_entry().encode())
 
@@ -166,12 +146,7 @@ class Server:
         return out.count(b"\ndn: ") + out.startswith(b"dn: ")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.process.stop()
 
 
 def _base_entry() -> str:
@@ -210,14 +185,21 @@ def run_child(argv: list[str], env: dict[str, str] | None = None
 
 def child_main(args: argparse.Namespace) -> None:
     """The importer alone, as the CLI runs it, with a local transport to the benchmark's slapd."""
+    from aaf_conftest import SlapdProcess
+
     from entfarm.aaf.importer import Directory, run_import
     from entfarm.aaf.transport import LocalTransport
     from entfarm.model import load_farm
 
     farm = load_farm(args.inventory)
     directory = Directory(LocalTransport(uri=args.uri), farm.spec.academie.base_dn)
+    # As the CLI gives the farm's directory host: a target the importer may take offline for a
+    # bulk load (chosen by the importer's own rule; --online forces ldapmodify).
+    target = SlapdProcess(Path(args.root)).bulk_target() if args.root else None
     result = run_import(Path(args.export), farm, directory, dry_run=bool(args.ldif_out),
-                        now=dt.datetime(2025, 9, 3, 6, 0, tzinfo=dt.UTC))
+                        now=dt.datetime(2025, 9, 3, 6, 0, tzinfo=dt.UTC),
+                        bulk=False if args.online else None, bulk_target=target,
+                        progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     if args.ldif_out:
         Path(args.ldif_out).write_text(result.changes.ldif, encoding="utf-8")
     print(json.dumps({"counts": dict(result.changes.counts), "changes": result.changes.changes,
@@ -225,12 +207,16 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def importer_argv(args: argparse.Namespace, export: Path, inventory: Path, uri: str,
-                  ldif_out: Path | None = None) -> list[str]:
+                  ldif_out: Path | None = None, root: Path | None = None) -> list[str]:
     if args.lab and ldif_out is None:
         return [sys.executable, "-m", "entfarm.cli", "aaf", "import", str(export),
-                "-i", str(inventory)]
+                "-i", str(inventory)] + (["--online"] if args.online else [])
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--export", str(export),
             "--inventory", str(inventory), "--uri", uri]
+    if root is not None:
+        argv += ["--root", str(root)]
+    if args.online:
+        argv.append("--online")
     return argv + (["--ldif-out", str(ldif_out)] if ldif_out else [])
 
 
@@ -263,6 +249,9 @@ def main() -> None:
     p.add_argument("--inventory", help=argparse.SUPPRESS)
     p.add_argument("--uri", help=argparse.SUPPRESS)
     p.add_argument("--ldif-out", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--online", action="store_true",
+                   help="import with ldapmodify only (no offline bulk load of the first import)")
     args = p.parse_args()
     if args.child:
         child_main(args)
@@ -318,7 +307,8 @@ def main() -> None:
                 for f in delta_files:
                     shutil.copy(f, complet / f.name)
             _say(f"import: {name}")
-            wall, rss, out, cpu = run_child(importer_argv(args, complet, inventory, uri))
+            wall, rss, out, cpu = run_child(importer_argv(
+                args, complet, inventory, uri, root=server.root if server else None))
             row: dict[str, Any] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss}
             if not args.lab:
                 row.update(json.loads(out))

@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from entfarm.aaf.bulk import BulkTarget
 from entfarm.aaf.importer import Directory
 from entfarm.aaf.transport import LocalTransport
 
@@ -112,10 +114,87 @@ olcDbNoSync: TRUE
 {_overlays()}"""
 
 
-class Slapd:
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: its parent may not be this process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+class SlapdProcess:
+    """Start and stop the slapd of a root directory (conf/, db/, ldapi, slapd.pid, slapd.log).
+
+    Stopping goes through the pid file, so that another process than the one that started it
+    (the benchmark's importer child, for a bulk load) can stop and start it too.
+    """
+
     def __init__(self, root: Path):
         self.root = root
         self.uri = "ldapi://" + urllib.parse.quote(str(root / "ldapi"), safe="")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        with (self.root / "slapd.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [str(SLAPD), "-d", "0", "-F", str(self.root / "conf"), "-h", self.uri],
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        self.proc = proc
+        # The socket file appears at bind(), before slapd accepts connections: under load a
+        # first client can be refused. Wait until an EXTERNAL bind really answers.
+        deadline = time.monotonic() + timeout
+        while subprocess.run(["ldapwhoami", "-Q", "-Y", "EXTERNAL", "-H", self.uri],
+                             capture_output=True).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log_text = (self.root / "slapd.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"slapd did not start: {log_text}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 60) -> None:
+        pidfile = self.root / "slapd.pid"
+        try:
+            pid = int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = self.proc.pid if self.proc else 0
+        if pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None and self.proc.pid == pid:
+            self.proc.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while pid and not _gone(pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slapd (pid {pid}) did not stop")
+            time.sleep(0.05)
+        self.proc = None
+
+    def bulk_target(self) -> BulkTarget:
+        """The importer's offline-load target for this slapd."""
+        return BulkTarget(LocalTransport(uri=self.uri), stop=self.stop, start=self.start,
+                          config_dir=str(self.root / "conf"), name="the test slapd")
+
+
+def init_slapd(root: Path, max_size: int | None = None) -> None:
+    """cn=config of a new server under root (slapadd -n0), and its empty database directory."""
+    (root / "conf").mkdir(parents=True)
+    (root / "db").mkdir()
+    identity = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},"
+                "cn=peercred,cn=external,cn=auth")
+    text = _config(root, identity)
+    if max_size is not None:
+        text = text.replace("olcDbMaxSize: 1073741824", f"olcDbMaxSize: {max_size}")
+    (root / "config.ldif").write_text(text, encoding="utf-8")
+    subprocess.run([str(SLAPD), "-T", "add", "-n0", "-F", str(root / "conf"),
+                    "-l", str(root / "config.ldif")], check=True, capture_output=True)
+
+
+class Slapd(SlapdProcess):
+    def __init__(self, root: Path):
+        super().__init__(root)
         self.transport = LocalTransport(uri=self.uri)
 
     def new_base(self) -> Directory:
@@ -135,30 +214,12 @@ def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
         if not path.exists():
             pytest.skip(f"not verifiable: {path.relative_to(REPO)} missing")
     root = tmp_path_factory.mktemp("slapd")
-    (root / "conf").mkdir()
-    (root / "db").mkdir()
-    identity = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},"
-                "cn=peercred,cn=external,cn=auth")
-    (root / "config.ldif").write_text(_config(root, identity), encoding="utf-8")
-    subprocess.run([str(SLAPD), "-T", "add", "-n0", "-F", str(root / "conf"),
-                    "-l", str(root / "config.ldif")], check=True, capture_output=True)
+    init_slapd(root)
     server = Slapd(root)
-    proc = subprocess.Popen([str(SLAPD), "-d", "0", "-F", str(root / "conf"), "-h", server.uri],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # The socket file appears at bind(), before slapd accepts connections: under load a first
-    # client can be refused. Wait until an EXTERNAL bind really answers.
-    deadline = time.monotonic() + 30
-    while subprocess.run(["ldapwhoami", "-Q", "-Y", "EXTERNAL", "-H", server.uri],
-                         capture_output=True).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            err = proc.stderr.read() if proc.stderr else b""
-            raise RuntimeError(f"slapd did not start: {err!r}")
-        time.sleep(0.1)
+    server.start()
     server.transport.run(["ldapadd", "-Q", "-Y", "EXTERNAL", "-H", server.uri], stdin=(
         b"dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\no: fr\n\n"))
     try:
         yield server
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
