@@ -8,7 +8,9 @@ measures, each importer run in a child process so that its peak RSS is its own:
 
   reference  slapadd -q of the same entries (the importer's own dry-run LDIF of the full import)
              into an empty database of the same configuration, on the same host
-  full       first import of the Complet into an empty base DN
+  full       first import of the Complet into an empty base DN (the importer's automatic
+             rule: an offline bulk load, see entfarm/aaf/bulk.py; --online: ldapmodify only)
+  (online)   the same first import with --online into a second fresh server, for comparison
   no-change  the same export again (must write nothing)
   delta      the Complet plus a 1 % Delta
 
@@ -207,7 +209,8 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def importer_argv(args: argparse.Namespace, export: Path, inventory: Path, uri: str,
-                  ldif_out: Path | None = None, root: Path | None = None) -> list[str]:
+                  ldif_out: Path | None = None, root: Path | None = None,
+                  online: bool = False) -> list[str]:
     if args.lab and ldif_out is None:
         return [sys.executable, "-m", "entfarm.cli", "aaf", "import", str(export),
                 "-i", str(inventory)] + (["--online"] if args.online else [])
@@ -215,7 +218,7 @@ def importer_argv(args: argparse.Namespace, export: Path, inventory: Path, uri: 
             "--inventory", str(inventory), "--uri", uri]
     if root is not None:
         argv += ["--root", str(root)]
-    if args.online:
+    if args.online or online:
         argv.append("--online")
     return argv + (["--ldif-out", str(ldif_out)] if ldif_out else [])
 
@@ -302,11 +305,25 @@ def main() -> None:
         _say("reference: slapadd -q")
         ref, entries = reference_slapadd(work, ldif_path.read_text(encoding="utf-8"))
         rows["slapadd"] = {"seconds": ref, "entries": entries}
-        for name in ("full", "no-change", "delta"):
+        steps = ["full", "no-change", "delta"]
+        if server and not args.online:
+            # Comparison in the same run: the same first import with ldapmodify only, into a
+            # second fresh server (stopped right after).
+            steps.insert(1, "full-online")
+        for name in steps:
             if name == "delta":
                 for f in delta_files:
                     shutil.copy(f, complet / f.name)
             _say(f"import: {name}")
+            if name == "full-online":
+                other = Server(work / "online")
+                try:
+                    wall, rss, out, cpu = run_child(importer_argv(
+                        args, complet, inventory, other.uri, online=True))
+                finally:
+                    other.stop()
+                rows[name] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss, **json.loads(out)}
+                continue
             wall, rss, out, cpu = run_child(importer_argv(
                 args, complet, inventory, uri, root=server.root if server else None))
             row: dict[str, Any] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss}
@@ -344,6 +361,11 @@ def main() -> None:
         print(f"{name:<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} {r['cpu_s']:6.1f} "
               f"{r['rss_mib']:13.0f} "
               f"{r.get('changes', '?'):>8}  {limit}, <= 1 GiB: {'MET' if ok else 'NOT MET'}")
+    if "full-online" in rows:
+        r = rows["full-online"]
+        print(f"{'(online)':<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} "
+              f"{r['cpu_s']:6.1f} {r['rss_mib']:13.0f} {r.get('changes', '?'):>8}  "
+              "comparison: full import with --online (ldapmodify only)")
     args.json = args.json or work / "aaf_import.json"
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",
