@@ -198,6 +198,10 @@ def load(parts: list[str], base: str, target: BulkTarget, backup_dir: Path, *,
     slapadd = [*target.run_as, f"{sbin}/slapadd", "-q", "-w", "-F", target.config_dir,
                "-b", base]
     backup = backup_dir / f"slapcat-{stamp}.ldif"
+    n = 1
+    while backup.exists():  # an earlier import with the same time stamp: keep its backup
+        backup = backup_dir / f"slapcat-{stamp}-{n}.ldif"
+        n += 1
     where = target.describe()
 
     t0 = time.monotonic()
