@@ -189,3 +189,36 @@ def test_bulk_without_a_target_is_refused_before_any_write(
     with pytest.raises(importer.UserError, match="--online"):
         run_import(export, farm, directory, now=NOW, bulk=True)
     assert directory.dump() == before
+
+
+def test_cli_online_and_bulk_flags(export: Path, slapd: Slapd, spy: _Spy, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from entfarm.aaf import transport
+    from entfarm.cli import cli
+
+    monkeypatch.setattr(importer, "BULK_MIN_ADDS", 50)
+    monkeypatch.setattr(transport, "for_farm", lambda _farm: slapd.transport)
+    monkeypatch.setattr(bulk, "for_host", lambda _transport: spy.build())
+    online = slapd.new_base()
+    _farm(online, tmp_path / "online")
+    result = CliRunner().invoke(cli, ["aaf", "import", str(export), "-i",
+                                      str(tmp_path / "online"), "--online"])
+    assert result.exit_code == 0, result.output
+    assert spy.stops == 0 and "slapcat backup" not in result.output
+    automatic = slapd.new_base()
+    _farm(automatic, tmp_path / "automatic")
+    result = CliRunner().invoke(cli, ["aaf", "import", str(export), "-i",
+                                      str(tmp_path / "automatic")])
+    assert result.exit_code == 0, result.output
+    assert spy.stops == 1 and "slapcat backup" in result.output
+    assert _content(automatic).keys() == _content(online).keys()
+    # --bulk takes the offline path for an import that would otherwise stay online.
+    feed = tmp_path / "feed"
+    shutil.copytree(export, feed)
+    generate_delta(feed, feed, seed=9, share=0.05)
+    result = CliRunner().invoke(cli, ["aaf", "import", str(feed), "-i",
+                                      str(tmp_path / "automatic"), "--bulk"])
+    assert result.exit_code == 0, result.output
+    assert spy.stops == 2
