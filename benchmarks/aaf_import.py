@@ -204,8 +204,11 @@ def child_main(args: argparse.Namespace) -> None:
                         progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     if args.ldif_out:
         Path(args.ldif_out).write_text(result.changes.ldif, encoding="utf-8")
+    hwm = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
     print(json.dumps({"counts": dict(result.changes.counts), "changes": result.changes.changes,
-                      "timings": {k: round(v, 2) for k, v in result.timings.items()}}))
+                      "timings": {k: round(v, 2) for k, v in result.timings.items()},
+                      # The importer's Python process alone (rss_mib: with the tools it ran).
+                      "importer_rss_mib": round(int(hwm.group(1)) / 1024, 1) if hwm else None}))
 
 
 def importer_argv(args: argparse.Namespace, export: Path, inventory: Path, uri: str,
@@ -223,21 +226,27 @@ def importer_argv(args: argparse.Namespace, export: Path, inventory: Path, uri: 
     return argv + (["--ldif-out", str(ldif_out)] if ldif_out else [])
 
 
-def reference_slapadd(work: Path, ldif_text: str) -> tuple[float, int]:
-    """slapadd -q of the importer's entries into an empty DB of the same configuration."""
+def reference_slapadd(work: Path, ldif_path: Path) -> tuple[float, int]:
+    """slapadd -q of the importer's entries into an empty DB of the same configuration.
+
+    The LDIF is rewritten line by line: a child's peak RSS (wait4) starts from its parent's
+    RSS at fork, so this process must not hold the whole LDIF when the importer runs next."""
     root = work / "slapadd"
     init_config(root)
-    records = [r for r in ldif_text.split("\n\n") if r.strip()]
-    body = "\n\n".join("\n".join(x for x in r.splitlines() if x != "changetype: add")
-                       for r in records)
-    data = ("dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\no: fr\n\n"
-            + _base_entry() + body + "\n\n")
     path = root / "entries.ldif"
-    path.write_text(data, encoding="utf-8")
+    records = 0
+    with ldif_path.open(encoding="utf-8") as src, path.open("w", encoding="utf-8") as out:
+        out.write("dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\n"
+                  "o: fr\n\n" + _base_entry())
+        for line in src:
+            if line == "changetype: add\n":
+                continue
+            records += line.startswith("dn:")
+            out.write(line)
     t0 = time.monotonic()
     subprocess.run([str(SLAPADD), "-q", "-F", str(root / "conf"), "-b", "dc=fr", "-l", str(path)],
                    check=True, capture_output=True, timeout=STEP_TIMEOUT)
-    return time.monotonic() - t0, len(records) + 2
+    return time.monotonic() - t0, records + 2
 
 
 def main() -> None:
@@ -303,7 +312,7 @@ def main() -> None:
             importer_argv(args, complet, inventory, dry_uri, ldif_path))
         rows["dry-run"] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss, **json.loads(out)}
         _say("reference: slapadd -q")
-        ref, entries = reference_slapadd(work, ldif_path.read_text(encoding="utf-8"))
+        ref, entries = reference_slapadd(work, ldif_path)
         rows["slapadd"] = {"seconds": ref, "entries": entries}
         steps = ["full", "no-change", "delta"]
         if server and not args.online:
