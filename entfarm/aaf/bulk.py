@@ -215,7 +215,7 @@ def load(parts: list[str], base: str, target: BulkTarget, backup_dir: Path, *,
     try:
         data = t.run(slapcat)
         _write_backup(backup, data)
-    except (UserError, OSError) as exc:
+    except Exception as exc:
         _start_or_say(target, base, f"bulk load not started: the slapcat backup failed: {exc}")
         raise BulkLoadFailed(f"bulk load not started: the slapcat backup failed: {exc}; "
                              f"nothing was changed and {where} was started again") from exc
@@ -235,10 +235,13 @@ def load(parts: list[str], base: str, target: BulkTarget, backup_dir: Path, *,
         target.start()
         _wait_ready(t, base)
         timings["bulk start"] = time.monotonic() - t2
-    except UserError as exc:
-        _restore(target, base, db_dir, slapadd, backup, entries, progress, f"{step}: {exc}")
+    except BaseException as exc:
+        # Whatever stopped the load (a tool, a start that does not come up, an interrupt), the
+        # database may be half loaded and slapd down: restore before anything else.
+        what = str(exc) or type(exc).__name__
+        _restore(target, base, db_dir, slapadd, backup, entries, progress, f"{step}: {what}")
         raise BulkLoadFailed(
-            f"bulk load failed ({step}): {exc}\nThe directory was restored from the backup "
+            f"bulk load failed ({step}): {what}\nThe directory was restored from the backup "
             f"taken before the load ({backup}, {entries} entries) and {where} was started "
             "again; nothing of this import was written. Fix the cause, or import with "
             "--online") from exc
@@ -249,7 +252,7 @@ def _start_or_say(target: BulkTarget, base: str, why: str) -> None:
     try:
         target.start()
         _wait_ready(target.transport, base)
-    except UserError as exc:
+    except Exception as exc:
         raise BulkLoadFailed(f"{why}; starting {target.describe()} again failed too: {exc}. "
                              "Start slapd by hand (systemctl start slapd)") from exc
 
@@ -261,13 +264,13 @@ def _restore(target: BulkTarget, base: str, db_dir: str, slapadd: list[str], bac
     try:
         try:
             target.stop()  # in case the failure came after slapd started
-        except UserError:
+        except Exception:  # already stopped; otherwise the steps below fail and say so
             pass
         t.run([*target.run_as, "rm", "-f", f"{db_dir}/data.mdb", f"{db_dir}/lock.mdb"])
         t.run(slapadd, stdin=backup.read_bytes())
         target.start()
         _wait_ready(t, base)
-    except (UserError, OSError) as exc:
+    except Exception as exc:
         raise BulkLoadFailed(
             f"bulk load failed ({why}), and restoring the directory failed too: {exc}.\n"
             f"The backup taken before the load is {backup} ({entries} entries). Restore it "

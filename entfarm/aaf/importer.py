@@ -546,20 +546,39 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                 online = report.online
             if online:
                 progress(f"applying {len(online)} change(s) in one ldapmodify")
-                directory.apply_parts(online)
+                try:
+                    directory.apply_parts(online)
+                except UserError as exc:
+                    if backup is None:
+                        raise
+                    # The loaded accounts are in the directory: keep their logins and
+                    # one-time codes, which a second run could not give again.
+                    written = _keep_accounts(state, cs, stamp)
+                    record["distribution"] = [str(p) for p in written]
+                    raise UserError(
+                        f"{exc}\nThe bulk load before it succeeded (its backup: {backup}; "
+                        f"distribution files of its new accounts written: {len(written)}); "
+                        "running the same import again applies the changes still missing") \
+                        from exc
         except UserError as exc:
             record["status"] = "failed"
             record["error"] = str(exc)
             _write_run(state, stamp, record)
             raise
     timings["apply"] = time.monotonic() - t2
-    known = _read_logins(logins_file)
-    known.update(cs.logins)
-    _write_private(logins_file, json.dumps(known, sort_keys=True, indent=0))
-    distribution = write_distribution(state, cs.new_accounts, stamp)
+    distribution = _keep_accounts(state, cs, stamp)
     record.update(status="ok", timings=timings, distribution=[str(p) for p in distribution])
     run = _write_run(state, stamp, record)
     return ImportResult(cs, True, run, distribution, timings, backup)
+
+
+def _keep_accounts(state: Path, cs: ChangeSet, stamp: str) -> list[Path]:
+    """Remember the logins and write the distribution files of the new accounts."""
+    logins_file = state / "aaf" / "logins.json"
+    known = _read_logins(logins_file)
+    known.update(cs.logins)
+    _write_private(logins_file, json.dumps(known, sort_keys=True, indent=0))
+    return write_distribution(state, cs.new_accounts, stamp)
 
 
 def _write_run(state: Path, stamp: str, record: dict[str, Any]) -> Path:

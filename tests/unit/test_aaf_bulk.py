@@ -18,6 +18,7 @@ from entfarm.aaf.bulk import BulkLoadFailed, BulkTarget
 from entfarm.aaf.generate import generate, generate_delta
 from entfarm.aaf.importer import Directory, run_import
 from entfarm.aaf.ldif import parse
+from entfarm.aaf.transport import TransportError
 from entfarm.model import Farm, load_farm
 
 __all__ = ["slapd"]
@@ -156,6 +157,63 @@ def test_failing_slapadd_restores_the_directory(
     assert Directory(directory.t, "dc=fr").dump() == before_all
     [run] = sorted((farm.state_dir / "aaf" / "runs").glob("*.json"))[-1:]
     assert '"status": "failed"' in run.read_text(encoding="utf-8")
+
+
+def test_slapd_not_coming_back_after_the_load_restores_the_directory(
+        export: Path, slapd: Slapd, tmp_path: Path) -> None:
+    directory = slapd.new_base()
+    farm = _farm(directory, tmp_path / "inv")
+    run_import(export, farm, directory, now=NOW, bulk=False)
+    feed = tmp_path / "feed"
+    shutil.copytree(export, feed)
+    generate_delta(feed, feed, seed=12, share=0.05)
+    before = Directory(directory.t, "dc=fr").dump()
+    real = slapd.bulk_target()
+    starts: list[str] = []
+
+    def start() -> None:
+        starts.append("start")
+        if len(starts) == 1:  # the start after slapadd: slapd does not come up
+            raise RuntimeError("slapd did not start: simulated")
+        real.start()
+
+    target = BulkTarget(real.transport, stop=real.stop, start=start,
+                        config_dir=real.config_dir, name="the test slapd")
+    with pytest.raises(BulkLoadFailed) as caught:
+        run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1), bulk=True,
+                   bulk_target=target)
+    assert "bulk load failed (starting slapd): slapd did not start" in str(caught.value)
+    assert "restored" in str(caught.value) and len(starts) == 2
+    assert Directory(directory.t, "dc=fr").dump() == before
+
+
+def test_failure_after_the_load_keeps_the_new_accounts_codes(
+        export: Path, slapd: Slapd, spy: _Spy, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = slapd.new_base()
+    farm = _farm(directory, tmp_path / "inv")
+    run_import(export, farm, directory, now=NOW, bulk=False)
+    feed = tmp_path / "feed"
+    shutil.copytree(export, feed)
+    generate_delta(feed, feed, seed=13, share=0.05)
+
+    def failing(self: Directory, parts: list[str]) -> None:
+        raise TransportError("ldapmodify failed on local (exit 68): simulated", 68)
+
+    monkeypatch.setattr(Directory, "apply_parts", failing)
+    stamp = (NOW + dt.timedelta(days=1)).strftime("%Y%m%dT%H%M%SZ")
+    with pytest.raises(importer.UserError) as caught:
+        run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1), bulk=True,
+                   bulk_target=spy.build())
+    message = str(caught.value)
+    assert "simulated" in message and "bulk load before it succeeded" in message
+    assert "running the same import again" in message
+    # The loaded accounts are in the directory, and their one-time codes were kept.
+    [csv_file] = (farm.state_dir / "aaf" / "distribution").glob(f"*/comptes-{stamp}.csv")
+    logins = [row.split(";")[0] for row in csv_file.read_text(encoding="utf-8").splitlines()[1:]]
+    assert logins
+    people = directory.search(f"ou=people,{directory.base}", "(ENTPersonJointure=*)", ("uid",))
+    assert set(logins) <= {e["uid"][0] for e in people.values()}
 
 
 def test_automatic_bulk_only_for_a_first_import_and_online_forces_ldapmodify(
