@@ -2,18 +2,23 @@
 
 Generates a ~100 000-person Complet export and a 1 % Delta for a temporary copy of the lab farm
 with enough onboarded collèges, starts a throwaway slapd configured exactly like the unit tests'
-(tests/unit/aaf_conftest.py: cn=config by slapadd -n0, the project's SDET schema, mdb, ldapi,
-SASL EXTERNAL) and measures, each importer run in a child process so that its peak RSS is its own:
+(tests/unit/aaf_conftest.py: cn=config by slapadd -n0, the project's SDET schema, mdb with the
+indexes and overlays of roles/directory (memberof, refint, syncprov), ldapi, SASL EXTERNAL) and
+measures, each importer run in a child process so that its peak RSS is its own:
 
   reference  slapadd -q of the same entries (the importer's own dry-run LDIF of the full import)
              into an empty database of the same configuration, on the same host
-  full       first import of the Complet into an empty base DN
+  full       first import of the Complet into an empty base DN (the importer's automatic
+             rule: an offline bulk load, see entfarm/aaf/bulk.py; --online: ldapmodify only)
+  (online)   the same first import with --online into a second fresh server, for comparison
   no-change  the same export again (must write nothing)
   delta      the Complet plus a 1 % Delta
 
 ``--lab`` targets the lab's directory container (entfarm-lab-idp) through the farm's docker-exec
 transport with the real CLI (``python -m entfarm.cli aaf import``); the reference stays a local
-slapadd on this host (same machine, the container shares its kernel and disks).
+slapadd on this host (same machine, the container shares its kernel and disks). Its full import
+takes the CLI's bulk path, which stops and starts the lab's slapd (systemctl in the container):
+not run yet; ``--online`` keeps slapd up.
 
     .venv/bin/python benchmarks/aaf_import.py                 # ~100 000 persons, local slapd
     .venv/bin/python benchmarks/aaf_import.py --persons 20000 # quicker
@@ -33,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -113,43 +117,24 @@ def make_exports(inventory: Path, work: Path) -> tuple[Path, list[Path], dict[st
 # -- slapd ----------------------------------------------------------------------------------------
 
 
-def slapd_config(root: Path) -> str:
-    from aaf_conftest import _config  # the unit tests' configuration, unchanged but its size
-
-    identity = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},"
-                "cn=peercred,cn=external,cn=auth")
-    text: str = _config(root, identity)
-    return text.replace("olcDbMaxSize: 1073741824", "olcDbMaxSize: 8589934592")
-
-
 def init_config(root: Path) -> None:
-    (root / "conf").mkdir(parents=True)
-    (root / "db").mkdir()
-    (root / "config.ldif").write_text(slapd_config(root), encoding="utf-8")
-    subprocess.run([str(SLAPD), "-T", "add", "-n0", "-F", str(root / "conf"),
-                    "-l", str(root / "config.ldif")], check=True, capture_output=True)
+    """The unit tests' configuration (aaf_conftest), unchanged but its map size."""
+    from aaf_conftest import init_slapd
+
+    init_slapd(root, max_size=8589934592)
 
 
 class Server:
     def __init__(self, root: Path):
+        from aaf_conftest import SlapdProcess
+
         self.root = root
-        self.uri = "ldapi://" + urllib.parse.quote(str(root / "ldapi"), safe="")
         init_config(root)
-        self.proc = subprocess.Popen(
-            [str(SLAPD), "-d", "0", "-F", str(root / "conf"), "-h", self.uri],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not (root / "ldapi").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit("slapd did not start")
-            time.sleep(0.05)
-        while subprocess.run(["ldapsearch", "-Q", "-Y", "EXTERNAL", "-H", self.uri, "-s", "base",
-                              "-b", "", "1.1"], capture_output=True, check=False).returncode:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit("slapd does not answer")
-            time.sleep(0.05)
+        # Started and stopped through its pid file: a bulk load in the importer's child process
+        # stops and starts it too (aaf_conftest.SlapdProcess, as in the unit tests).
+        self.process = SlapdProcess(root)
+        self.uri = self.process.uri
+        self.process.start()
         self.ldapadd(b"dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\n"
                      b"o: fr\n\n" + _base_entry().encode())
 
@@ -165,12 +150,7 @@ class Server:
         return out.count(b"\ndn: ") + out.startswith(b"dn: ")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.process.stop()
 
 
 def _base_entry() -> str:
@@ -209,45 +189,66 @@ def run_child(argv: list[str], env: dict[str, str] | None = None
 
 def child_main(args: argparse.Namespace) -> None:
     """The importer alone, as the CLI runs it, with a local transport to the benchmark's slapd."""
+    from aaf_conftest import SlapdProcess
+
     from entfarm.aaf.importer import Directory, run_import
     from entfarm.aaf.transport import LocalTransport
     from entfarm.model import load_farm
 
     farm = load_farm(args.inventory)
     directory = Directory(LocalTransport(uri=args.uri), farm.spec.academie.base_dn)
+    # As the CLI gives the farm's directory host: a target the importer may take offline for a
+    # bulk load (chosen by the importer's own rule; --online forces ldapmodify).
+    target = SlapdProcess(Path(args.root)).bulk_target() if args.root else None
     result = run_import(Path(args.export), farm, directory, dry_run=bool(args.ldif_out),
-                        now=dt.datetime(2025, 9, 3, 6, 0, tzinfo=dt.UTC))
+                        now=dt.datetime(2025, 9, 3, 6, 0, tzinfo=dt.UTC),
+                        bulk=False if args.online else None, bulk_target=target,
+                        progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     if args.ldif_out:
         Path(args.ldif_out).write_text(result.changes.ldif, encoding="utf-8")
+    hwm = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
     print(json.dumps({"counts": dict(result.changes.counts), "changes": result.changes.changes,
-                      "timings": {k: round(v, 2) for k, v in result.timings.items()}}))
+                      "timings": {k: round(v, 2) for k, v in result.timings.items()},
+                      # The importer's Python process alone (rss_mib: with the tools it ran).
+                      "importer_rss_mib": round(int(hwm.group(1)) / 1024, 1) if hwm else None}))
 
 
 def importer_argv(args: argparse.Namespace, export: Path, inventory: Path, uri: str,
-                  ldif_out: Path | None = None) -> list[str]:
+                  ldif_out: Path | None = None, root: Path | None = None,
+                  online: bool = False) -> list[str]:
     if args.lab and ldif_out is None:
         return [sys.executable, "-m", "entfarm.cli", "aaf", "import", str(export),
-                "-i", str(inventory)]
+                "-i", str(inventory)] + (["--online"] if args.online else [])
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--export", str(export),
             "--inventory", str(inventory), "--uri", uri]
+    if root is not None:
+        argv += ["--root", str(root)]
+    if args.online or online:
+        argv.append("--online")
     return argv + (["--ldif-out", str(ldif_out)] if ldif_out else [])
 
 
-def reference_slapadd(work: Path, ldif_text: str) -> tuple[float, int]:
-    """slapadd -q of the importer's entries into an empty DB of the same configuration."""
+def reference_slapadd(work: Path, ldif_path: Path) -> tuple[float, int]:
+    """slapadd -q of the importer's entries into an empty DB of the same configuration.
+
+    The LDIF is rewritten line by line: a child's peak RSS (wait4) starts from its parent's
+    RSS at fork, so this process must not hold the whole LDIF when the importer runs next."""
     root = work / "slapadd"
     init_config(root)
-    records = [r for r in ldif_text.split("\n\n") if r.strip()]
-    body = "\n\n".join("\n".join(x for x in r.splitlines() if x != "changetype: add")
-                       for r in records)
-    data = ("dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\no: fr\n\n"
-            + _base_entry() + body + "\n\n")
     path = root / "entries.ldif"
-    path.write_text(data, encoding="utf-8")
+    records = 0
+    with ldif_path.open(encoding="utf-8") as src, path.open("w", encoding="utf-8") as out:
+        out.write("dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\n"
+                  "o: fr\n\n" + _base_entry())
+        for line in src:
+            if line == "changetype: add\n":
+                continue
+            records += line.startswith("dn:")
+            out.write(line)
     t0 = time.monotonic()
     subprocess.run([str(SLAPADD), "-q", "-F", str(root / "conf"), "-b", "dc=fr", "-l", str(path)],
                    check=True, capture_output=True, timeout=STEP_TIMEOUT)
-    return time.monotonic() - t0, len(records) + 2
+    return time.monotonic() - t0, records + 2
 
 
 def main() -> None:
@@ -262,6 +263,9 @@ def main() -> None:
     p.add_argument("--inventory", help=argparse.SUPPRESS)
     p.add_argument("--uri", help=argparse.SUPPRESS)
     p.add_argument("--ldif-out", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--online", action="store_true",
+                   help="import with ldapmodify only (no offline bulk load of the first import)")
     args = p.parse_args()
     if args.child:
         child_main(args)
@@ -310,14 +314,29 @@ def main() -> None:
             importer_argv(args, complet, inventory, dry_uri, ldif_path))
         rows["dry-run"] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss, **json.loads(out)}
         _say("reference: slapadd -q")
-        ref, entries = reference_slapadd(work, ldif_path.read_text(encoding="utf-8"))
+        ref, entries = reference_slapadd(work, ldif_path)
         rows["slapadd"] = {"seconds": ref, "entries": entries}
-        for name in ("full", "no-change", "delta"):
+        steps = ["full", "no-change", "delta"]
+        if server and not args.online:
+            # Comparison in the same run: the same first import with ldapmodify only, into a
+            # second fresh server (stopped right after).
+            steps.insert(1, "full-online")
+        for name in steps:
             if name == "delta":
                 for f in delta_files:
                     shutil.copy(f, complet / f.name)
             _say(f"import: {name}")
-            wall, rss, out, cpu = run_child(importer_argv(args, complet, inventory, uri))
+            if name == "full-online":
+                other = Server(work / "online")
+                try:
+                    wall, rss, out, cpu = run_child(importer_argv(
+                        args, complet, inventory, other.uri, online=True))
+                finally:
+                    other.stop()
+                rows[name] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss, **json.loads(out)}
+                continue
+            wall, rss, out, cpu = run_child(importer_argv(
+                args, complet, inventory, uri, root=server.root if server else None))
             row: dict[str, Any] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss}
             if not args.lab:
                 row.update(json.loads(out))
@@ -353,6 +372,11 @@ def main() -> None:
         print(f"{name:<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} {r['cpu_s']:6.1f} "
               f"{r['rss_mib']:13.0f} "
               f"{r.get('changes', '?'):>8}  {limit}, <= 1 GiB: {'MET' if ok else 'NOT MET'}")
+    if "full-online" in rows:
+        r = rows["full-online"]
+        print(f"{'(online)':<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} "
+              f"{r['cpu_s']:6.1f} {r['rss_mib']:13.0f} {r.get('changes', '?'):>8}  "
+              "comparison: full import with --online (ldapmodify only)")
     args.json = args.json or work / "aaf_import.json"
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",

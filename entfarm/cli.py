@@ -460,24 +460,31 @@ def _render_export(export: Any) -> None:
 @click.option("--full-compare", is_flag=True,
               help="Compare every attribute of every person, not only those whose AAF record "
               "changed (also repairs entries edited by hand).")
+@click.option("--bulk/--online", "bulk", default=None,
+              help="--bulk: load the new entries offline (slapd stopped, a slapcat backup "
+              "taken and restored on failure, slapadd, slapd started). --online: ldapmodify "
+              "only. Default: bulk for a first import of at least 10 000 entries.")
 def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool, force: bool,
-               max_deactivate: float, full_compare: bool) -> None:
+               max_deactivate: float, full_compare: bool, bulk: bool | None) -> None:
     """Import an export into the directory (onboarded établissements only)."""
     from pathlib import Path
 
+    from .aaf.bulk import for_host
     from .aaf.importer import Directory, run_import
     from .aaf.transport import for_farm
     from .waves.ledger import read_scope
 
     farm = _farm(inventory)
-    directory = Directory(for_farm(farm), farm.spec.academie.base_dn)
+    transport = for_farm(farm)
+    directory = Directory(transport, farm.spec.academie.base_dn)
     # Once a wave has run, the ledger says which établissements are onboarded.
     scope, held = read_scope(farm) or (None, set())
     if scope is not None:
         _aaf_progress(f"scope: the wave ledger ({len(scope)} onboarded, {len(held)} held out)")
     result = run_import(Path(path), farm, directory, dry_run=dry_run, force=force,
                         max_deactivate=max_deactivate, progress=_aaf_progress,
-                        full_compare=full_compare, scope=scope, held=held)
+                        full_compare=full_compare, scope=scope, held=held, bulk=bulk,
+                        bulk_target=for_host(transport))
     cs = result.changes
     table = Table(title="change set per UAI" + (" (dry run: nothing written)" if dry_run else ""),
                   show_edge=False)
@@ -501,6 +508,9 @@ def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool,
                   f"{timings}")
     for p in result.distribution:
         console.print(f"distribution file (one-time codes, mode 0600): {p}", markup=False)
+    if result.bulk_backup:
+        console.print(f"bulk load; slapcat backup taken before it (mode 0600): "
+                      f"{result.bulk_backup}", markup=False)
     if result.run_record:
         console.print(f"run record: {result.run_record}", markup=False)
 

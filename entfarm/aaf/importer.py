@@ -1,5 +1,6 @@
 """``entfarm aaf import``: desired state from an export, current state from the directory, one
-change set, refusals before any write, one ldapmodify for the whole change set.
+change set, refusals before any write, one ldapmodify for the whole change set; or, for a first
+import, an offline bulk load of its adds (:mod:`.bulk`) and ldapmodify for the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..model import Farm
+from . import bulk as bulk_load
 from . import ldif
 from .export import Export, load, no_gc
 from .mapping import (
@@ -47,6 +49,9 @@ CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 # changed; past this share of the directory, one search of every person is cheaper.
 _TARGETED_READ_CHUNK = 200
 _TARGETED_READ_MAX_SHARE = 0.2
+# A first import (no person in the directory yet) of at least this many new entries is loaded
+# offline with slapadd unless --online; --bulk forces it for any import.
+BULK_MIN_ADDS = 10_000
 _UAI_IN_DN = re.compile(r"^ENTStructureUAI=([^,]+),", re.IGNORECASE)
 
 
@@ -73,6 +78,7 @@ class ChangeSet:
     new_accounts: list[NewAccount] = field(default_factory=list)
     logins: dict[str, str] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)
+    people_before: int = 0  # persons in the directory when the change set was computed
 
     def count(self, what: str, uai: str | None = None) -> None:
         self.counts[what] += 1
@@ -87,6 +93,10 @@ class ChangeSet:
     def changes(self) -> int:
         return len(self.ldif_parts)
 
+    @property
+    def adds(self) -> int:
+        return sum(n for what, n in self.counts.items() if what.endswith(" add"))
+
 
 @dataclass
 class ImportResult:
@@ -95,6 +105,7 @@ class ImportResult:
     run_record: Path | None
     distribution: list[Path]
     timings: dict[str, float]
+    bulk_backup: Path | None = None  # the slapcat backup taken before a bulk load
 
 
 def _ssha(code: str, algorithm: str = "sha512") -> str:
@@ -204,6 +215,17 @@ def _diff(current: ldif.Entry, desired: ldif.Entry, managed: tuple[str, ...]
             if not _same(n, current.get(n, none), desired.get(n, none))}
 
 
+def _member_changes(current: list[str], desired: list[str]) -> tuple[list[str], list[str]]:
+    """Member values to add and to delete, one by one: a replace of the whole list makes the
+    memberof overlay rewrite memberOf on every member of the group, not only on those who moved.
+    DNs compare without case (distinguishedNameMatch; the member DNs the importer writes hold
+    no escapes or spaces that would need a fuller normalisation)."""
+    have = {v.lower() for v in current}
+    want = {v.lower() for v in desired}
+    return ([v for v in desired if v.lower() not in have],
+            [v for v in current if v.lower() not in want])
+
+
 def _uais_of(entry: ldif.Entry) -> list[str]:
     out = []
     for dn in entry.get("ENTPersonEtablissements", []) + entry.get("ENTPersonStructRattach", []):
@@ -267,6 +289,7 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
 
     by_jointure = {e["ENTPersonJointure"][0]: (dn, e) for dn, e in people.items()
                    if e.get("ENTPersonJointure")}
+    cs.people_before = len(people)
     existing = {j: (e.get("ENTPersonLogin") or e.get("uid") or [""])[0]
                 for j, (_dn, e) in by_jointure.items()}
     logins = allocate_logins(d, existing, remembered)
@@ -371,9 +394,12 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             cs.ldif_parts.append(ldif.add(dn, entry))
             cs.count("groups add", cn.split("$")[0])
         else:
-            changes = _diff(groups[dn], entry, GROUP_ATTRIBUTES)
-            if changes:
-                cs.ldif_parts.append(ldif.modify(dn, changes))
+            current = groups[dn]
+            changes = _diff(current, entry, ("objectClass", "cn"))
+            added, removed = _member_changes(current.get("member", []), entry["member"])
+            if changes or added or removed:
+                cs.ldif_parts.append(ldif.modify(dn, changes, add={"member": added},
+                                                 delete={"member": removed}))
                 cs.count("groups modify", cn.split("$")[0])
     for dn, entry in sorted(groups.items()):
         cn = (entry.get("cn") or [""])[0]
@@ -434,12 +460,31 @@ def write_distribution(state: Path, accounts: list[NewAccount], stamp: str) -> l
     return paths
 
 
+def use_bulk(cs: ChangeSet, bulk: bool | None, target: bulk_load.BulkTarget | None) -> bool:
+    """Whether the change set goes through an offline bulk load (see ``bulk`` of run_import)."""
+    if bulk is False or cs.adds == 0:
+        return False
+    if bulk is None:
+        return target is not None and cs.people_before == 0 and cs.adds >= BULK_MIN_ADDS
+    if target is None:
+        raise UserError("--bulk: this directory cannot be stopped and loaded offline from "
+                        "here (no bulk target); import with --online")
+    return True
+
+
 def run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool = False,
                force: bool = False, max_deactivate: float = 0.10,
                now: dt.datetime | None = None, progress: Progress = lambda _line: None,
                full_compare: bool = False, scope: Collection[str] | None = None,
-               held: Collection[str] = (), export: Export | None = None) -> ImportResult:
+               held: Collection[str] = (), bulk: bool | None = None,
+               bulk_target: bulk_load.BulkTarget | None = None,
+               export: Export | None = None) -> ImportResult:
     """Import an export; ``scope`` and ``held`` as in :func:`compute` (the wave ledger's).
+
+    ``bulk``: True loads the adds offline through ``bulk_target`` (slapd stopped, slapadd,
+    restarted; a slapcat backup restored on failure), False writes everything with ldapmodify,
+    None (default) bulk-loads a first import of at least BULK_MIN_ADDS entries when a target is
+    given.
 
     ``export``: ``path`` already read by :func:`load` (a wave imports the same export once per
     batch and reads it once); None reads it here.
@@ -447,13 +492,15 @@ def run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool = 
     with no_gc():
         return _run_import(path, farm, directory, dry_run=dry_run, force=force,
                            max_deactivate=max_deactivate, now=now, progress=progress,
-                           full_compare=full_compare, scope=scope, held=held, export=export)
+                           full_compare=full_compare, scope=scope, held=held, bulk=bulk,
+                           bulk_target=bulk_target, export=export)
 
 
 def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                 force: bool, max_deactivate: float, now: dt.datetime | None,
                 progress: Progress, full_compare: bool, scope: Collection[str] | None,
-                held: Collection[str], export: Export | None) -> ImportResult:
+                held: Collection[str], bulk: bool | None,
+                bulk_target: bulk_load.BulkTarget | None, export: Export | None) -> ImportResult:
     now = now or dt.datetime.now(dt.UTC)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
@@ -487,23 +534,56 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
         "force": force, "max_deactivate": max_deactivate, "full_compare": full_compare,
         "scope": None if scope is None else sorted(scope), "held": sorted(held),
     }
+    offline = use_bulk(cs, bulk, bulk_target)
+    backup: Path | None = None
+    record["bulk"] = offline
     if cs.changes:
-        progress(f"applying {cs.changes} change(s) in one ldapmodify")
         try:
-            directory.apply_parts(cs.ldif_parts)
+            online = cs.ldif_parts
+            if offline:
+                assert bulk_target is not None  # use_bulk says so
+                report = bulk_load.load(cs.ldif_parts, farm.spec.academie.base_dn, bulk_target,
+                                        state / "aaf" / "backups", stamp=stamp,
+                                        progress=progress)
+                backup = report.backup
+                record["bulk_backup"] = str(backup)
+                timings.update(report.timings)
+                online = report.online
+            if online:
+                progress(f"applying {len(online)} change(s) in one ldapmodify")
+                try:
+                    directory.apply_parts(online)
+                except UserError as exc:
+                    if backup is None:
+                        raise
+                    # The loaded accounts are in the directory: keep their logins and
+                    # one-time codes, which a second run could not give again.
+                    written = _keep_accounts(state, cs, stamp)
+                    record["distribution"] = [str(p) for p in written]
+                    raise UserError(
+                        f"{exc}\nThe bulk load before it succeeded (its backup: {backup}; "
+                        f"distribution files of its new accounts written: {len(written)}); "
+                        "running the same import again applies the changes still missing") \
+                        from exc
         except UserError as exc:
             record["status"] = "failed"
             record["error"] = str(exc)
             _write_run(state, stamp, record)
             raise
     timings["apply"] = time.monotonic() - t2
+    distribution = _keep_accounts(state, cs, stamp)
+    record.update(status="ok", timings=timings, distribution=[str(p) for p in distribution])
+    run = _write_run(state, stamp, record)
+    return ImportResult(cs, True, run, distribution, timings, backup)
+
+
+def _keep_accounts(state: Path, cs: ChangeSet, stamp: str) -> list[Path]:
+    """Remember the logins and write the distribution files of the new accounts."""
+    logins_file = state / "aaf" / "logins.json"
     known = _read_logins(logins_file)
     known.update(cs.logins)
     _write_private(logins_file, json.dumps(known, sort_keys=True, indent=0))
-    distribution = write_distribution(state, cs.new_accounts, stamp)
-    record.update(status="ok", timings=timings, distribution=[str(p) for p in distribution])
-    run = _write_run(state, stamp, record)
-    return ImportResult(cs, True, run, distribution, timings)
+    return write_distribution(state, cs.new_accounts, stamp)
 
 
 def _write_run(state: Path, stamp: str, record: dict[str, Any]) -> Path:

@@ -115,8 +115,10 @@ def add(dn: str, entry: Entry) -> str:
     return "".join(parts) + "\n"
 
 
-def modify(dn: str, replace: dict[str, list[str]]) -> str:
-    """Replace each attribute's values; an empty list deletes the attribute."""
+def modify(dn: str, replace: dict[str, list[str]], *, add: dict[str, list[str]] | None = None,
+           delete: dict[str, list[str]] | None = None) -> str:
+    """Replace each attribute's values (an empty list deletes the attribute), then add and
+    delete single values of others (``add``/``delete``: name -> the values concerned)."""
     parts = [line("dn", dn), "changetype: modify\n"]
     for name, values in replace.items():
         if values:
@@ -125,6 +127,12 @@ def modify(dn: str, replace: dict[str, list[str]]) -> str:
         else:
             parts.append(f"delete: {name}\n")
         parts.append("-\n")
+    for op, changes in (("add", add), ("delete", delete)):
+        for name, values in (changes or {}).items():
+            if values:
+                parts.append(f"{op}: {name}\n")
+                parts += [line(name, v) for v in values]
+                parts.append("-\n")
     return "".join(parts) + "\n"
 
 

@@ -1,35 +1,73 @@
 """A real slapd for the AAF import tests: its own cn=config (slapadd -n0) with the project's SDET
-schema, an mdb database for dc=fr, an ldapi socket in a temporary directory, and SASL EXTERNAL
-as the current uid for rootdn. Each test gets a fresh base DN dc=tN,dc=fr under it.
+schema, an mdb database for dc=fr with the modules, indexes and overlays of roles/directory
+(memberof, refint, syncprov: read from the role's variables, so that tests and the benchmark
+write through the same overlays as production), an ldapi socket in a temporary directory, and
+SASL EXTERNAL as the current uid for rootdn. Each test gets a fresh base DN dc=tN,dc=fr under it.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
+import signal
 import subprocess
 import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from entfarm.aaf.bulk import BulkTarget
 from entfarm.aaf.importer import Directory
 from entfarm.aaf.transport import LocalTransport
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEMA_DIR = REPO / "roles" / "directory" / "files" / "schema"
+ROLE = REPO / "roles" / "directory"
+SCHEMA_DIR = ROLE / "files" / "schema"
+_ROLE_VARS: dict[str, Any] = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+_ROLE_DEFAULTS: dict[str, Any] = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
 # The schema and its evolutions, in the order roles/directory loads them.
-SCHEMAS = [SCHEMA_DIR / f"{name}.ldif" for name in yaml.safe_load(
-    (REPO / "roles" / "directory" / "vars" / "main.yml").read_text())["directory__schemas"]]
+SCHEMAS = [SCHEMA_DIR / f"{name}.ldif" for name in _ROLE_VARS["directory__schemas"]]
+_VARIABLE = re.compile(r"^\{\{\s*(\w+)\s*(?:\|\s*string\s*)?\}\}$")
 SLAPD = Path("/usr/sbin/slapd")
 _counter = itertools.count(1)
 
 
+def _role_values(value: Any) -> list[str]:
+    """A role setting as LDAP values: "{{ directory__x }}" (optionally "| string") is looked up in
+    the role's defaults; the overlay settings use no other template."""
+    if isinstance(value, str):
+        m = _VARIABLE.match(value)
+        if m:
+            value = _ROLE_DEFAULTS[m.group(1)]
+        elif "{{" in value:
+            raise ValueError(f"roles/directory setting {value!r}: only plain variables are read")
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _overlays() -> str:
+    """The role's overlays (directory__overlays), as slapadd -n0 entries of database {1}."""
+    out = []
+    for o in _ROLE_VARS["directory__overlays"]:
+        name = f"{o['index']}{o['name']}"
+        lines = [f"dn: olcOverlay={name},olcDatabase={{1}}mdb,cn=config",
+                 "objectClass: olcOverlayConfig", f"objectClass: {o['class']}",
+                 f"olcOverlay: {name}"]
+        lines += [f"{k}: {v}" for k, vs in o["settings"].items() for v in _role_values(vs)]
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
 def _config(root: Path, identity: str) -> str:
+    # Password hash modules are not needed to store the importer's {SSHA} values.
+    modules = "\n".join(f"olcModuleLoad: {m}" for m in _ROLE_DEFAULTS["directory__modules"]
+                        if m not in ("argon2", "pw-sha2"))
+    indexes = "\n".join(f"olcDbIndex: {i}" for i in _ROLE_DEFAULTS["directory__indexes"])
     ours = "\n".join(f"include: file://{path}\n" for path in SCHEMAS)
     schemas = "".join(f"include: file:///etc/ldap/schema/{name}.ldif\n\n"
                       for name in ("core", "cosine", "nis", "inetorgperson"))
@@ -43,7 +81,7 @@ dn: cn=module{{0}},cn=config
 objectClass: olcModuleList
 cn: module{{0}}
 olcModulePath: /usr/lib/ldap
-olcModuleLoad: back_mdb
+{modules}
 
 dn: cn=schema,cn=config
 objectClass: olcSchemaConfig
@@ -71,15 +109,92 @@ olcRootDN: {identity}
 olcDbDirectory: {root}/db
 olcDbMaxSize: 1073741824
 olcDbNoSync: TRUE
-olcDbIndex: objectClass eq
-olcDbIndex: ENTPersonJointure eq,pres
-"""
+{indexes}
+
+{_overlays()}"""
 
 
-class Slapd:
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: its parent may not be this process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+class SlapdProcess:
+    """Start and stop the slapd of a root directory (conf/, db/, ldapi, slapd.pid, slapd.log).
+
+    Stopping goes through the pid file, so that another process than the one that started it
+    (the benchmark's importer child, for a bulk load) can stop and start it too.
+    """
+
     def __init__(self, root: Path):
         self.root = root
         self.uri = "ldapi://" + urllib.parse.quote(str(root / "ldapi"), safe="")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        with (self.root / "slapd.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [str(SLAPD), "-d", "0", "-F", str(self.root / "conf"), "-h", self.uri],
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        self.proc = proc
+        # The socket file appears at bind(), before slapd accepts connections: under load a
+        # first client can be refused. Wait until an EXTERNAL bind really answers.
+        deadline = time.monotonic() + timeout
+        while subprocess.run(["ldapwhoami", "-Q", "-Y", "EXTERNAL", "-H", self.uri],
+                             capture_output=True).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log_text = (self.root / "slapd.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"slapd did not start: {log_text}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 60) -> None:
+        pidfile = self.root / "slapd.pid"
+        try:
+            pid = int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = self.proc.pid if self.proc else 0
+        if pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None and self.proc.pid == pid:
+            self.proc.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while pid and not _gone(pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slapd (pid {pid}) did not stop")
+            time.sleep(0.05)
+        self.proc = None
+
+    def bulk_target(self) -> BulkTarget:
+        """The importer's offline-load target for this slapd."""
+        return BulkTarget(LocalTransport(uri=self.uri), stop=self.stop, start=self.start,
+                          config_dir=str(self.root / "conf"), name="the test slapd")
+
+
+def init_slapd(root: Path, max_size: int | None = None) -> None:
+    """cn=config of a new server under root (slapadd -n0), and its empty database directory."""
+    (root / "conf").mkdir(parents=True)
+    (root / "db").mkdir()
+    identity = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},"
+                "cn=peercred,cn=external,cn=auth")
+    text = _config(root, identity)
+    if max_size is not None:
+        text = text.replace("olcDbMaxSize: 1073741824", f"olcDbMaxSize: {max_size}")
+    (root / "config.ldif").write_text(text, encoding="utf-8")
+    subprocess.run([str(SLAPD), "-T", "add", "-n0", "-F", str(root / "conf"),
+                    "-l", str(root / "config.ldif")], check=True, capture_output=True)
+
+
+class Slapd(SlapdProcess):
+    def __init__(self, root: Path):
+        super().__init__(root)
         self.transport = LocalTransport(uri=self.uri)
 
     def new_base(self) -> Directory:
@@ -99,30 +214,12 @@ def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
         if not path.exists():
             pytest.skip(f"not verifiable: {path.relative_to(REPO)} missing")
     root = tmp_path_factory.mktemp("slapd")
-    (root / "conf").mkdir()
-    (root / "db").mkdir()
-    identity = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},"
-                "cn=peercred,cn=external,cn=auth")
-    (root / "config.ldif").write_text(_config(root, identity), encoding="utf-8")
-    subprocess.run([str(SLAPD), "-T", "add", "-n0", "-F", str(root / "conf"),
-                    "-l", str(root / "config.ldif")], check=True, capture_output=True)
+    init_slapd(root)
     server = Slapd(root)
-    proc = subprocess.Popen([str(SLAPD), "-d", "0", "-F", str(root / "conf"), "-h", server.uri],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # The socket file appears at bind(), before slapd accepts connections: under load a first
-    # client can be refused. Wait until an EXTERNAL bind really answers.
-    deadline = time.monotonic() + 30
-    while subprocess.run(["ldapwhoami", "-Q", "-Y", "EXTERNAL", "-H", server.uri],
-                         capture_output=True).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            err = proc.stderr.read() if proc.stderr else b""
-            raise RuntimeError(f"slapd did not start: {err!r}")
-        time.sleep(0.1)
+    server.start()
     server.transport.run(["ldapadd", "-Q", "-Y", "EXTERNAL", "-H", server.uri], stdin=(
         b"dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\no: fr\n\n"))
     try:
         yield server
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()

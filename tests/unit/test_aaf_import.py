@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aaf_conftest import REPO, Slapd, slapd
 
-from entfarm.aaf.generate import generate, generate_delta
+from entfarm.aaf.generate import generate, generate_delta, modify_request
 from entfarm.aaf.importer import Directory, ImportRefused, run_import
 from entfarm.model import Farm, load_farm
 
@@ -132,6 +132,35 @@ def test_digests_skip_only_what_is_really_unchanged(
                           full_compare=True)
     assert repaired.changes.counts["people modify"] == 1
     assert _people(directory)[dn]["sn"] == entry["sn"]
+
+
+def test_class_move_changes_one_member_value_each_way(
+        export: Path, farm: Farm, directory: Directory, tmp_path: Path) -> None:
+    run_import(export, farm, directory, now=NOW)
+    feed = _copy(export, tmp_path)
+    # Élève 1000003 (generator seed 7) leaves 6A for 5A in the next day's Delta.
+    (feed / "ENT_18_Delta_20250902_Eleve_0000.xml").write_bytes(
+        ('<?xml version="1.0" encoding="ISO-8859-15"?>\n<ficAlimMENESR>\n'
+         + modify_request("1000003", {"ENTEleveClasses": ["4001$5A"]})
+         + "</ficAlimMENESR>\n").encode("iso-8859-15"))
+    result = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1))
+    text = result.changes.ldif
+    assert result.changes.counts["groups modify"] == 2, text
+    assert "replace: member" not in text
+    [moved] = [dn for dn, e in _people(directory).items()
+               if e["ENTPersonJointure"][0].endswith("$1000003")]
+    old, new = (f"cn={UAI}${c},ou=groups,{directory.base}" for c in ("6A", "5A"))
+    records = {r.split("\n", 1)[0]: r for r in text.split("\n\n") if "ou=groups," in r}
+    assert records[f"dn: {old}"].count("member: ") == 1
+    assert f"delete: member\nmember: {moved}\n" in records[f"dn: {old}"]
+    assert records[f"dn: {new}"].count("member: ") == 1
+    assert f"add: member\nmember: {moved}\n" in records[f"dn: {new}"]
+    groups = directory.search(f"ou=groups,{directory.base}", "(objectClass=groupOfNames)",
+                              ("member",))
+    assert moved in groups[new]["member"] and moved not in groups[old]["member"]
+    # The memberof overlay (the role's, in the test slapd) followed the two value changes.
+    member_of = directory.search(moved, "(objectClass=*)", ("memberOf",), "base")[moved]
+    assert new in member_of["memberOf"] and old not in member_of["memberOf"]
 
 
 def _refused(feed: Path, farm: Farm, directory: Directory, **kw: object) -> str:
