@@ -125,15 +125,22 @@ def test_bulk_import_equals_online_import_then_deltas_agree(
     assert _content(bulk_dir) == _content(online_dir)
 
 
-def test_failing_slapadd_restores_the_directory(
-        export: Path, slapd: Slapd, spy: _Spy, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def _imported_then_delta(export: Path, slapd: Slapd, tmp_path: Path, seed: int
+                         ) -> tuple[Directory, Farm, Path]:
+    """A new base with the export imported online, and a copy of the export with a 5 % Delta."""
     directory = slapd.new_base()
     farm = _farm(directory, tmp_path / "inv")
     run_import(export, farm, directory, now=NOW, bulk=False)
     feed = tmp_path / "feed"
     shutil.copytree(export, feed)
-    generate_delta(feed, feed, seed=6, share=0.05)
+    generate_delta(feed, feed, seed=seed, share=0.05)
+    return directory, farm, feed
+
+
+def test_failing_slapadd_restores_the_directory(
+        export: Path, slapd: Slapd, spy: _Spy, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    directory, farm, feed = _imported_then_delta(export, slapd, tmp_path, seed=6)
     before_base = directory.dump()
     before_all = Directory(directory.t, "dc=fr").dump()
     records = bulk.Plan.records
@@ -161,12 +168,7 @@ def test_failing_slapadd_restores_the_directory(
 
 def test_slapd_not_coming_back_after_the_load_restores_the_directory(
         export: Path, slapd: Slapd, tmp_path: Path) -> None:
-    directory = slapd.new_base()
-    farm = _farm(directory, tmp_path / "inv")
-    run_import(export, farm, directory, now=NOW, bulk=False)
-    feed = tmp_path / "feed"
-    shutil.copytree(export, feed)
-    generate_delta(feed, feed, seed=12, share=0.05)
+    directory, farm, feed = _imported_then_delta(export, slapd, tmp_path, seed=12)
     before = Directory(directory.t, "dc=fr").dump()
     real = slapd.bulk_target()
     starts: list[str] = []
@@ -190,12 +192,7 @@ def test_slapd_not_coming_back_after_the_load_restores_the_directory(
 def test_failure_after_the_load_keeps_the_new_accounts_codes(
         export: Path, slapd: Slapd, spy: _Spy, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    directory = slapd.new_base()
-    farm = _farm(directory, tmp_path / "inv")
-    run_import(export, farm, directory, now=NOW, bulk=False)
-    feed = tmp_path / "feed"
-    shutil.copytree(export, feed)
-    generate_delta(feed, feed, seed=13, share=0.05)
+    directory, farm, feed = _imported_then_delta(export, slapd, tmp_path, seed=13)
 
     def failing(self: Directory, parts: list[str]) -> None:
         raise TransportError("ldapmodify failed on local (exit 68): simulated", 68)
