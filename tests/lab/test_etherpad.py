@@ -185,7 +185,9 @@ def test_eleve_opens_a_pad_from_the_portal_and_types(
     # The editor is two iframes deep; it exists only once the client-side modules loaded.
     outer = wait_for(driver, "the editor", lambda d: d.find_element(
         By.CSS_SELECTOR, "iframe[name='ace_outer']"))
-    assert driver.execute_script("return clientVars.userName") == eleve.display_name
+    # The pad knows the person by the displayName the CAS released.
+    wait_for(driver, "the user's name in the pad", lambda d: d.execute_script(
+        "return (window.clientVars || {}).userName") == eleve.display_name)
     driver.switch_to.frame(outer)
     inner = wait_for(driver, "the editor's inner frame", lambda d: d.find_element(
         By.CSS_SELECTOR, "iframe[name='ace_inner']"))
