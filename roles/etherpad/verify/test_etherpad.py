@@ -139,8 +139,9 @@ def test_sandboxed(host: Any) -> None:
         pytest.skip(f"not verifiable: systemd-analyze security unavailable: {cmd.stderr.strip()}")
     last = cmd.stdout.strip().splitlines()[-1]
     score = float(last.split("level for")[1].split(":")[1].split()[0])
-    # 2.0 for the portal; Etherpad cannot have MemoryDenyWriteExecute (V8's JIT).
-    assert score <= 2.5, last
+    # As the portal's bound, although Etherpad cannot have MemoryDenyWriteExecute (V8's JIT):
+    # 1.3 in the lab.
+    assert score <= 2.0, last
 
 
 # -- end to end: the HTTP API, the edge, the CAS -------------------------------------------------
