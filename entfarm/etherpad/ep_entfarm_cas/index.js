@@ -121,6 +121,12 @@ const wantsPage = (req) => req.method === 'GET' && !/^\/socket\.io\//.test(req.p
     !(req.headers['x-requested-with'] === 'XMLHttpRequest');
 
 const login = async (req, res) => {
+  // Signed in already, yet refused (the admin pages: there is no admin): a new CAS round trip
+  // would bring the same person back here, forever.
+  if (req.session && req.session.user) {
+    page(res, 403, 'Accès refusé', 'Vous n’avez pas accès à cette page.');
+    return;
+  }
   const service = serviceUrl(req);
   const ticket = typeof req.query.ticket === 'string' ? req.query.ticket : null;
   if (ticket == null) {

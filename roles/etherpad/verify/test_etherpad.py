@@ -209,7 +209,10 @@ def test_logged_in_user_reads_the_pad_through_the_edge(host: Any, pad: tuple[str
         back = browser.request("GET", answer.location)
         assert back.status == 302 and back.location == url, (back.status, back.body[:300])
         export = browser.request("GET", url)
+        # No one is an Etherpad administrator: refused, not sent round the CAS again.
+        admin = browser.request("GET", f"{info['url']}admin/")
     except CasClientError as exc:
         pytest.fail(f"through the edge: {exc}")
     assert export.status == 200, (export.status, export.body[:300])
     assert export.body.strip() == pad[1]
+    assert admin.status == 403, (admin.status, admin.location)
