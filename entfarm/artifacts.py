@@ -501,14 +501,16 @@ class BuildContext:
     def say(self, line: str) -> None:
         _say(self.progress, f"{self.name}: {line}")
 
-    def run(self, what: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+    def run(self, what: str, cmd: list[str], env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> None:
         """Run a build step; its output goes to the log, and its tail into the error."""
         self.say(what)
         with self.log.open("a", encoding="utf-8") as log:
-            log.write(f"$ {shlex.join(cmd)}\n")
+            log.write(f"$ {'cd ' + shlex.quote(str(cwd)) + ' && ' if cwd else ''}"
+                      f"{shlex.join(cmd)}\n")
             log.flush()
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                  env={**os.environ, **(env or {})}, check=False)
+                                  env={**os.environ, **(env or {})}, cwd=cwd, check=False)
         if proc.returncode != 0:
             tail = self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
             raise ArtifactError(
@@ -715,6 +717,125 @@ def build_portal(ctx: BuildContext) -> str:
     for path in ctx.out.iterdir():
         path.chmod(0o644)
     return version
+
+
+# -- recipe: Etherpad ----------------------------------------------------------------------------
+
+# The npm package ep_etherpad-lite is the src/ directory of an Etherpad tree; 1.8.14 is the last
+# release published under that name. Hosts run it with Debian's nodejs, offline.
+ETHERPAD_PACKAGE = "ep_etherpad-lite"
+ETHERPAD_VERSION = "1.8.14"
+ETHERPAD_FILE = f"etherpad-{ETHERPAD_VERSION}-entfarm.tar.gz"
+# Our own plugin (CAS single sign-on) and the preload that keeps Etherpad offline.
+ETHERPAD_PLUGIN = "ep_entfarm_cas"
+# Dependencies installed INSIDE src/ (src/node_modules), never hoisted to <root>/node_modules:
+# Etherpad 1.8's client-side module loader serves some browser libraries (security, ...) from
+# src/node_modules only; a hoisted tree loads on the server but the pad page fails in the browser
+# ("module at security does not exist"). --ignore-scripts: nothing is compiled (hosts run another
+# Node.js than the controller); --omit=optional leaves out sqlite3, a native module.
+# --legacy-peer-deps: the package's dev tooling has peer conflicts npm resolves before omitting it.
+ETHERPAD_NPM_INSTALL = ("install", "--omit=dev", "--omit=optional", "--ignore-scripts",
+                        "--legacy-peer-deps", "--no-audit", "--no-fund", "--no-update-notifier")
+# What must be in src/node_modules for the tree to work: the browser libraries served from there,
+# the PostgreSQL driver ueberdb2 loads, and npm itself (Etherpad runs `npm ls` to find plugins).
+ETHERPAD_REQUIRED_MODULES = ("security", "ueberdb2", "pg", "npm", "socket.io", "express")
+ETHERPAD_INSTALL = "tar -xzf {tarball} -C {release}"
+
+
+def _etherpad_plugin(root: Path) -> Path:
+    plugin = root / "entfarm" / "etherpad" / ETHERPAD_PLUGIN
+    if not (plugin / "ep.json").is_file():
+        raise ArtifactError(f"artifact 'etherpad': {plugin}/ep.json is missing: the recipe "
+                            "bundles entfarm's Etherpad plugin from the source checkout")
+    return plugin
+
+
+def etherpad_npm_key() -> str:
+    """What decides src/ (the package and its installed dependencies): the cache key of the npm
+    step, so that a change of the plugin alone does not download and install everything again."""
+    return hashlib.sha256(f"{ETHERPAD_PACKAGE}@{ETHERPAD_VERSION}\n{' '.join(ETHERPAD_NPM_INSTALL)}"
+                          .encode()).hexdigest()
+
+
+def _tar(ctx: BuildContext, tree: Path, tarball: Path, level: int = 9) -> None:
+    """A reproducible tarball: sorted names, fixed times and owners, gzip without a timestamp."""
+    for path in [tree, *tree.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+    ctx.run(f"pack {tree.name}/ into {tarball.name}", [
+        "sh", "-c", 'tar --sort=name --mtime="@$1" --owner=0 --group=0 --numeric-owner '
+        '--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime '
+        f'-C "$2" -cf - . | gzip -{level}n > "$3"',
+        "tar", SOURCE_DATE_EPOCH, str(tree), str(tarball)])
+
+
+def _etherpad_src(ctx: BuildContext, src: Path) -> None:
+    """src/: the npm package with its dependencies installed inside it, from the build cache
+    when the npm step's inputs are unchanged (the registry is asked only when they change)."""
+    key = etherpad_npm_key()
+    cache = ctx.farm.state_dir / "build-cache" / "etherpad" / f"src-{key[:32]}.tar.gz"
+    src.mkdir(parents=True)
+    if cache.is_file():
+        ctx.say(f"src/ from the build cache ({cache.name}: same package, same npm install)")
+        ctx.run("unpack the cached src/", ["tar", "-xzf", str(cache), "-C", str(src),
+                                           "--no-same-owner"])
+        return
+    if shutil.which("npm") is None:
+        raise ArtifactError("artifact 'etherpad': npm is not installed on the controller "
+                            "(the set-up installs it: scripts/lib/bootstrap.sh)")
+    npm_env = {"npm_config_update_notifier": "false", "npm_config_fund": "false",
+               "npm_config_audit": "false"}
+    ctx.run(f"npm pack {ETHERPAD_PACKAGE}@{ETHERPAD_VERSION}",
+            ["npm", "pack", f"{ETHERPAD_PACKAGE}@{ETHERPAD_VERSION}"], env=npm_env, cwd=ctx.work)
+    packed = sorted(ctx.work.glob(f"{ETHERPAD_PACKAGE}-*.tgz"))
+    if len(packed) != 1:
+        raise ArtifactError(f"artifact 'etherpad': npm pack left {[p.name for p in packed]}")
+    ctx.run("unpack the package into src/",
+            ["tar", "-xzf", str(packed[0]), "-C", str(src), "--strip-components=1",
+             "--no-same-owner"])
+    ctx.run("npm install the dependencies into src/node_modules (a few minutes)",
+            ["npm", *ETHERPAD_NPM_INSTALL], env=npm_env, cwd=src)
+    missing = [m for m in ETHERPAD_REQUIRED_MODULES
+               if not (src / "node_modules" / m / "package.json").is_file()]
+    if missing:
+        raise ArtifactError(f"artifact 'etherpad': src/node_modules lacks {', '.join(missing)} "
+                            f"after npm install (log: {ctx.log})")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    for old in cache.parent.glob("src-*.tar.gz"):
+        old.unlink()
+    partial = cache.with_name(f".{cache.name}.partial")
+    _tar(ctx, src, partial, level=1)
+    partial.replace(cache)
+
+
+@recipe("etherpad", f"recipe etherpad: npm pack {ETHERPAD_PACKAGE}@{ETHERPAD_VERSION} into "
+        "<root>/src, npm " + " ".join(ETHERPAD_NPM_INSTALL) + " in src/ (src/node_modules), "
+        f"<root>/node_modules/{ETHERPAD_PACKAGE} -> ../src, entfarm's {ETHERPAD_PLUGIN} plugin; "
+        "one reproducible tar.gz")
+def build_etherpad(ctx: BuildContext) -> str:
+    """An Etherpad tree hosts unpack and run with Debian's nodejs (see ETHERPAD_INSTALL).
+
+    npm runs on the controller only, with its own configured registry; hosts get the tree."""
+    from .runner import project_root
+
+    plugin = _etherpad_plugin(project_root())
+    tree = ctx.work / "etherpad"
+    src = tree / "src"
+    _etherpad_src(ctx, src)
+    hoisted = tree / "node_modules"
+    hoisted.mkdir()
+    (hoisted / ETHERPAD_PACKAGE).symlink_to("../src")
+    shutil.copytree(plugin, hoisted / ETHERPAD_PLUGIN, copy_function=shutil.copyfile)
+    # Etherpad writes .ep_initialized into each plugin the first time it loads it (and runs its
+    # init_<plugin> hook; neither plugin has one). The tree is read-only on the hosts: shipped.
+    for directory in (src, hoisted / ETHERPAD_PLUGIN):
+        (directory / ".ep_initialized").write_text("done", encoding="utf-8")
+    (tree / "ENTFARM-BUILD.json").write_text(json.dumps({
+        "package": f"{ETHERPAD_PACKAGE}@{ETHERPAD_VERSION}", "plugin": ETHERPAD_PLUGIN,
+        "npm_key": etherpad_npm_key(), "npm_install": list(ETHERPAD_NPM_INSTALL),
+    }, indent=2) + "\n", encoding="utf-8")
+    _tar(ctx, tree, ctx.out / ETHERPAD_FILE)
+    return ETHERPAD_VERSION
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -42,6 +42,10 @@ ensure_python_env() {
   # libnss3-tools (certutil, to trust the farm CA): the portal's browser test in tests/lab.
   apt_install debootstrap openssl git ca-certificates slapd ldap-utils \
     chromium chromium-driver libnss3-tools
+  # npm (with Debian's nodejs): the controller builds the Etherpad tree of the artifact store
+  # (`entfarm artifacts build etherpad`); hosts never run npm against a registry. A Node.js
+  # already installed with its own npm is kept.
+  command -v npm >/dev/null 2>&1 || apt_install npm
   local stamp="$VENV/.entfarm-installed"
   local want
   # The extras installed are part of what the stamp stands for.

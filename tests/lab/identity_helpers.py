@@ -29,10 +29,18 @@ from entfarm.casclient import Response as Response
 from entfarm.casclient import attributes as attributes
 from entfarm.casclient import portal_message as portal_message
 from entfarm.casclient import ticket_of as ticket_of
-from entfarm.model import Farm
+from entfarm.model import Farm, load_farm
 
 ROOT = Path(__file__).resolve().parents[2]
-IDP = "entfarm-lab-idp"
+
+
+def _directory_container() -> str:
+    """The lab container of the directory host, as farm.yml names it (entfarm-<farm>-<host>)."""
+    farm = load_farm(ROOT / "inventories" / "lab")
+    return farm.container_name(farm.spec.services["directory"].hosts[0])
+
+
+IDP = _directory_container()
 PROFILES = {"élève": "National_ELV", "parent": "National_TUT", "enseignant": "National_ENS"}
 
 

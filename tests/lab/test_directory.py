@@ -8,12 +8,14 @@ import subprocess
 from typing import Any
 
 import pytest
+from identity_helpers import IDP
 
 from entfarm.model import Farm
 
 pytestmark = pytest.mark.lab
 
-HOST = "entfarm-lab-idp"
+# The directory host's container, as farm.yml names it.
+HOST = IDP
 
 
 def on_idp(command: str) -> subprocess.CompletedProcess[str]:

@@ -191,8 +191,8 @@ def test_any_node_serves_the_session(portal_up: Farm,
                                      eleve: tuple[Account, Browser, Response]) -> None:
     account, browser, _ = eleve
     for node in NODES:
-        status, body = node_get(portal_up, node, "/", "portail.ent.test:8443",
-                                portal_cookies(browser))
+        name = f"portail.ent.test:{portal_up.public_https_port}"
+        status, body = node_get(portal_up, node, "/", name, portal_cookies(browser))
         assert status == 200, (node, status, body[:300])
         assert account.display_name in html.unescape(body), node
 

@@ -86,6 +86,18 @@ def fake_portal(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, bytes]],
     return use
 
 
+@pytest.fixture
+def fake_etherpad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replace the Etherpad recipe by one writing a fixed file: no npm, milliseconds."""
+
+    def fake(ctx: BuildContext) -> str:
+        (ctx.out / "etherpad.tar.gz").write_bytes(b"tree")
+        return "1.8.14"
+
+    monkeypatch.setitem(artifacts.RECIPES, "etherpad",
+                        artifacts.Recipe("etherpad", "fake recipe", fake))
+
+
 def store_entries(farm: Farm) -> list[str]:
     root = Store(farm).root
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
@@ -217,16 +229,18 @@ def test_verify_detects_a_tampered_a_missing_and_an_extra_built_file(
 
 
 def test_rebuild_with_the_same_output_is_unchanged(
-        lab_copy: FarmCopy, fake_portal: Callable[[dict[str, bytes]], None]) -> None:
+        lab_copy: FarmCopy, fake_portal: Callable[[dict[str, bytes]], None],
+        fake_etherpad: None) -> None:
     farm = load_farm(lab_copy.dir)
     fake_portal({"a.whl": b"wheel a"})
-    assert [o.action for o in build(farm)] == ["built"]
+    assert [o.action for o in build(farm)] == ["built", "built"]  # every recipe: portal, etherpad
     manifest = Store(farm).manifest.read_bytes()
-    assert [o.action for o in build(farm)] == ["unchanged"]
+    assert [o.action for o in build(farm)] == ["unchanged", "unchanged"]
     assert Store(farm).manifest.read_bytes() == manifest
     fake_portal({"a.whl": b"wheel a, next version"})
-    assert [o.action for o in build(farm)] == ["updated"]
-    assert store_entries(farm) == [".lock", "manifest.json", "portal"]  # no staging left
+    assert [o.action for o in build(farm)] == ["updated", "unchanged"]
+    # no staging left
+    assert store_entries(farm) == [".lock", "etherpad", "manifest.json", "portal"]
 
 
 def test_build_refuses_an_artifact_named_in_farm_yml(lab_copy: FarmCopy, release: Path) -> None:
