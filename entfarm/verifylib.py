@@ -82,3 +82,37 @@ def other_host(host: Any, name: str) -> Any:
     if other is None:
         pytest.skip(f"not verifiable: {name} is not reachable through the inventory")
     return other
+
+
+def release_tests(fact: Any) -> tuple[Any, Any]:
+    """The two checks of an app installed as ``<root>/releases/<release>`` with a ``current``
+    link (the portal's and Etherpad's layout), for a suite to bind at module level::
+
+        test_fact_present, test_release_is_current_and_complete = release_tests(fact)
+    """
+
+    def test_fact_present(host: Any) -> None:
+        info = fact(host)
+        assert info["version"] and info["version"] != "unknown", info
+        assert info["release"], info
+
+    def test_release_is_current_and_complete(host: Any) -> None:
+        info = fact(host)
+        current = host.file(f"{info['root']}/current")
+        assert current.is_symlink
+        assert current.linked_to == f"{info['root']}/releases/{info['release']}"
+        marker = host.file(f"{info['root']}/releases/{info['release']}/.entfarm-release")
+        assert marker.exists, "release not marked complete"
+        assert json.loads(marker.content_string)["release"] == info["release"]
+
+    return test_fact_present, test_release_is_current_and_complete
+
+
+def systemd_exposure(host: Any, unit: str) -> tuple[float, str]:
+    """``systemd-analyze security``'s exposure score of a unit and its summary line, or skip
+    as not verifiable when the host's systemd cannot compute it."""
+    cmd = host.run(f"systemd-analyze security {q(unit)} --no-pager")
+    if cmd.rc != 0 and "Unknown" in cmd.stderr:
+        pytest.skip(f"not verifiable: systemd-analyze security unavailable: {cmd.stderr.strip()}")
+    last: str = cmd.stdout.strip().splitlines()[-1]
+    return float(last.split("level for")[1].split(":")[1].split()[0]), last

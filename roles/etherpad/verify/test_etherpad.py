@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 
 from entfarm.casclient import Browser, CasClient, CasClientError, portal_message, ticket_of
-from entfarm.verifylib import inventory_vars, q, role_suite
+from entfarm.verifylib import inventory_vars, q, release_tests, role_suite, systemd_exposure
 
 UNIT = "entfarm-etherpad"
 CHECK = "/usr/local/sbin/entfarm-etherpad-check"
@@ -58,20 +58,11 @@ def api(host: Any, method: str, **params: str) -> dict[str, Any]:
     return answer
 
 
-def test_fact_present(host: Any) -> None:
-    info = fact(host)
-    assert info["version"] and info["version"] != "unknown", info
-    assert info["release"], info
+test_fact_present, test_release_is_current_and_complete = release_tests(fact)
 
 
-def test_release_is_current_and_complete(host: Any) -> None:
+def test_dependencies_inside_src(host: Any) -> None:
     info = fact(host)
-    current = host.file(f"{info['root']}/current")
-    assert current.is_symlink
-    assert current.linked_to == f"{info['root']}/releases/{info['release']}"
-    marker = host.file(f"{info['root']}/releases/{info['release']}/.entfarm-release")
-    assert marker.exists, "release not marked complete"
-    assert json.loads(marker.content_string)["release"] == info["release"]
     # Dependencies inside src/ (the client-side loader serves browser libraries from there).
     assert host.file(f"{info['root']}/current/src/node_modules/security/package.json").exists
     link = host.file(f"{info['root']}/current/node_modules/ep_etherpad-lite")
@@ -134,11 +125,7 @@ def test_listens_on_the_farm_address_only(host: Any) -> None:
 
 
 def test_sandboxed(host: Any) -> None:
-    cmd = host.run(f"systemd-analyze security {UNIT} --no-pager")
-    if cmd.rc != 0 and "Unknown" in cmd.stderr:
-        pytest.skip(f"not verifiable: systemd-analyze security unavailable: {cmd.stderr.strip()}")
-    last = cmd.stdout.strip().splitlines()[-1]
-    score = float(last.split("level for")[1].split(":")[1].split()[0])
+    score, last = systemd_exposure(host, UNIT)
     # As the portal's bound, although Etherpad cannot have MemoryDenyWriteExecute (V8's JIT):
     # 1.3 in the lab.
     assert score <= 2.0, last

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from entfarm.verifylib import role_suite
+from entfarm.verifylib import release_tests, role_suite, systemd_exposure
 
 UNIT = "entfarm-portal"
 CHECK = "/usr/local/sbin/entfarm-portal-check"
@@ -23,20 +23,7 @@ CHECK = "/usr/local/sbin/entfarm-portal-check"
 _hosts_only, fact = role_suite("portal", group="portal")
 
 
-def test_fact_present(host: Any) -> None:
-    info = fact(host)
-    assert info["version"] and info["version"] != "unknown", info
-    assert info["release"], info
-
-
-def test_release_is_current_and_complete(host: Any) -> None:
-    info = fact(host)
-    current = host.file(f"{info['root']}/current")
-    assert current.is_symlink
-    assert current.linked_to == f"{info['root']}/releases/{info['release']}"
-    marker = host.file(f"{info['root']}/releases/{info['release']}/.entfarm-release")
-    assert marker.exists, "release not marked complete"
-    assert json.loads(marker.content_string)["release"] == info["release"]
+test_fact_present, test_release_is_current_and_complete = release_tests(fact)
 
 
 def test_installed_entfarm_is_the_deployed_version(host: Any) -> None:
@@ -90,11 +77,7 @@ def test_healthz(host: Any) -> None:
 
 
 def test_sandboxed(host: Any) -> None:
-    cmd = host.run(f"systemd-analyze security {UNIT} --no-pager")
-    if cmd.rc != 0 and "Unknown" in cmd.stderr:
-        pytest.skip(f"not verifiable: systemd-analyze security unavailable: {cmd.stderr.strip()}")
-    last = cmd.stdout.strip().splitlines()[-1]
-    score = float(last.split("level for")[1].split(":")[1].split()[0])
+    score, last = systemd_exposure(host, UNIT)
     assert score <= 2.0, last
 
 
