@@ -739,7 +739,6 @@ ETHERPAD_NPM_INSTALL = ("install", "--omit=dev", "--omit=optional", "--ignore-sc
 # What must be in src/node_modules for the tree to work: the browser libraries served from there,
 # the PostgreSQL driver ueberdb2 loads, and npm itself (Etherpad runs `npm ls` to find plugins).
 ETHERPAD_REQUIRED_MODULES = ("security", "ueberdb2", "pg", "npm", "socket.io", "express")
-ETHERPAD_INSTALL = "tar -xzf {tarball} -C {release}"
 
 
 def _etherpad_plugin(root: Path) -> Path:
@@ -813,7 +812,7 @@ def _etherpad_src(ctx: BuildContext, src: Path) -> None:
         f"<root>/node_modules/{ETHERPAD_PACKAGE} -> ../src, entfarm's {ETHERPAD_PLUGIN} plugin; "
         "one reproducible tar.gz")
 def build_etherpad(ctx: BuildContext) -> str:
-    """An Etherpad tree hosts unpack and run with Debian's nodejs (see ETHERPAD_INSTALL).
+    """An Etherpad tree hosts unpack (roles/etherpad) and run with Debian's nodejs.
 
     npm runs on the controller only, with its own configured registry; hosts get the tree."""
     from .runner import project_root
