@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .errors import UserError
 from .model import Farm
@@ -31,8 +32,11 @@ def verify_suites(roles: list[str]) -> list[str]:
 
 
 def run_verify(farm: Farm, roles: list[str], limit: str = "all",
-               extra_args: list[str] | None = None, hosts: list[str] | None = None) -> int:
-    """Run pytest in a child process; returns its exit code. The report goes to the run dir.
+               extra_args: list[str] | None = None, hosts: list[str] | None = None,
+               log: Path | None = None) -> int:
+    """Run pytest in a child process; returns its exit code. The report goes to the run dir;
+    pytest's output to the terminal, or to ``log`` when given (a wave keeps its screen for its
+    own progress).
 
     ``limit`` is one testinfra host pattern (a host or group name, shell wildcards allowed;
     testinfra knows no Ansible ``:`` or ``!`` patterns, which match nothing there); ``hosts``,
@@ -54,5 +58,8 @@ def run_verify(farm: Farm, roles: list[str], limit: str = "all",
         "-o", "junit_family=xunit2",
         *(extra_args or []),
     ]
-    print(f"verify report: {run_dir / 'verify.xml'}", flush=True)
-    return subprocess.call(cmd, cwd=root, env=env)
+    if log is None:
+        print(f"verify report: {run_dir / 'verify.xml'}", flush=True)
+        return subprocess.call(cmd, cwd=root, env=env)
+    with log.open("wb") as out:
+        return subprocess.call(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)

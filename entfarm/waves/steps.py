@@ -169,12 +169,16 @@ def central_preflight(farm: Farm, run_dir: Path) -> list[Evidence]:
     from ..verify import run_verify
 
     report = run_dir / "preflight-verify.xml"
+    log = run_dir / "preflight-verify.log"
     central = [h.name for h in farm.hosts() if SCHOOL_SERVER_GROUP not in h.services]
-    # pytest keeps the last --junitxml: the report lands in the wave's run directory.
-    rc = run_verify(farm, [], hosts=central, extra_args=["-q", f"--junitxml={report}"])
+    # pytest keeps the last --junitxml: the report lands in the wave's run directory, and its
+    # output in a log there (the gate's evidence names both).
+    rc = run_verify(farm, [], hosts=central, extra_args=["-q", f"--junitxml={report}"], log=log)
     counts = _junit_counts(report)
     detail = (f"verify suites: exit {rc}; " + ", ".join(f"{k} {v}" for k, v in counts.items())
               if counts else f"verify suites: exit {rc}")
+    if rc != 0:
+        detail += f"; output in {log}"
     # Skips are "not verifiable" or "not applicable": a run where nothing else happened
     # checked nothing, and proves nothing.
     checked = counts.get("tests", 0) - counts.get("skipped", 0)
@@ -182,7 +186,8 @@ def central_preflight(farm: Farm, run_dir: Path) -> list[Evidence]:
     if rc == 0 and checked <= 0:
         detail += f"; no check ran on {', '.join(central)}"
     return [Evidence("central services verified", PASSED if ok else FAILED_GATE, detail,
-                     {"exit": rc, "report": str(report), "hosts": central, **counts})]
+                     {"exit": rc, "report": str(report), "log": str(log), "hosts": central,
+                      **counts})]
 
 
 def _junit_counts(report: Path) -> dict[str, int]:

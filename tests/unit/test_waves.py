@@ -492,8 +492,9 @@ def test_central_preflight_passes_only_when_checks_ran(
 
     def fake_run_verify(farm_: Farm, roles: list[str], limit: str = "all",
                         extra_args: list[str] | None = None,
-                        hosts: list[str] | None = None) -> int:
+                        hosts: list[str] | None = None, log: Path | None = None) -> int:
         seen["hosts"] = hosts
+        seen["log"] = log
         report = next(a for a in extra_args or [] if a.startswith("--junitxml="))
         Path(report.split("=", 1)[1]).write_text(
             f'<testsuites><testsuite name="pytest" tests="{tests}" skipped="{skipped}" '
@@ -505,6 +506,8 @@ def test_central_preflight_passes_only_when_checks_ran(
     assert evidence.outcome == outcome, evidence
     # The central hosts by name (testinfra matches no "all:!group" pattern), no school server.
     assert seen["hosts"] == [h.name for h in farm.hosts() if not h.name.startswith("se-")]
+    # pytest's output goes to the wave's run directory, not over the wave's progress.
+    assert seen["log"] == tmp_path / "preflight-verify.log"
 
 
 def test_directory_step_reads_the_export_once_per_run_unless_it_changes(
