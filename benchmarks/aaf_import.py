@@ -1,9 +1,10 @@
 """Benchmark of ``entfarm aaf import`` (issue 3, deliverable 5). A measurement, not a test.
 
 Generates a ~100 000-person Complet export and a 1 % Delta for a temporary copy of the lab farm
-with enough onboarded collèges, starts a throwaway slapd configured exactly like the unit tests'
+with enough onboarded collèges, starts a throwaway slapd configured like the unit tests'
 (tests/unit/aaf_conftest.py: cn=config by slapadd -n0, the project's SDET schema, mdb with the
-indexes and overlays of roles/directory (memberof, refint, syncprov), ldapi, SASL EXTERNAL) and
+indexes and overlays of roles/directory (memberof, refint, syncprov), ldapi, SASL EXTERNAL) but
+flushing its transactions to disk as roles/directory's slapd does (olcDbEnvFlags), and
 measures, each importer run in a child process so that its peak RSS is its own:
 
   reference  slapadd -q of the same entries (the importer's own dry-run LDIF of the full import)
@@ -118,10 +119,11 @@ def make_exports(inventory: Path, work: Path) -> tuple[Path, list[Path], dict[st
 
 
 def init_config(root: Path) -> None:
-    """The unit tests' configuration (aaf_conftest), unchanged but its map size."""
+    """The unit tests' configuration (aaf_conftest) but its map size, and flushing each
+    transaction to disk as roles/directory's slapd does (the unit tests do not flush)."""
     from aaf_conftest import init_slapd
 
-    init_slapd(root, max_size=8589934592)
+    init_slapd(root, max_size=8589934592, durable=True)
 
 
 class Server:

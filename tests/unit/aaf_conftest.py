@@ -63,11 +63,14 @@ def _overlays() -> str:
     return "\n".join(out)
 
 
-def _config(root: Path, identity: str) -> str:
+def _config(root: Path, identity: str, durable: bool = False) -> str:
     # Password hash modules are not needed to store the importer's {SSHA} values.
     modules = "\n".join(f"olcModuleLoad: {m}" for m in _ROLE_DEFAULTS["directory__modules"]
                         if m not in ("argon2", "pw-sha2"))
     indexes = "\n".join(f"olcDbIndex: {i}" for i in _ROLE_DEFAULTS["directory__indexes"])
+    # Unit tests skip the disk flushes; a durable server (benchmarks) flushes like the role's.
+    sync = ("\n".join(f"olcDbEnvFlags: {f}" for f in _ROLE_DEFAULTS["directory__db_env_flags"])
+            if durable else "olcDbNoSync: TRUE")
     ours = "\n".join(f"include: file://{path}\n" for path in SCHEMAS)
     schemas = "".join(f"include: file:///etc/ldap/schema/{name}.ldif\n\n"
                       for name in ("core", "cosine", "nis", "inetorgperson"))
@@ -108,7 +111,7 @@ olcSuffix: dc=fr
 olcRootDN: {identity}
 olcDbDirectory: {root}/db
 olcDbMaxSize: 1073741824
-olcDbNoSync: TRUE
+{sync}
 {indexes}
 
 {_overlays()}"""
@@ -178,13 +181,16 @@ class SlapdProcess:
                           config_dir=str(self.root / "conf"), name="the test slapd")
 
 
-def init_slapd(root: Path, max_size: int | None = None) -> None:
-    """cn=config of a new server under root (slapadd -n0), and its empty database directory."""
+def init_slapd(root: Path, max_size: int | None = None, durable: bool = False) -> None:
+    """cn=config of a new server under root (slapadd -n0), and its empty database directory.
+
+    ``durable``: flush every transaction as roles/directory configures it (olcDbEnvFlags);
+    otherwise never flush (olcDbNoSync), which is all the unit tests need."""
     (root / "conf").mkdir(parents=True)
     (root / "db").mkdir()
     identity = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},"
                 "cn=peercred,cn=external,cn=auth")
-    text = _config(root, identity)
+    text = _config(root, identity, durable)
     if max_size is not None:
         text = text.replace("olcDbMaxSize: 1073741824", f"olcDbMaxSize: {max_size}")
     (root / "config.ldif").write_text(text, encoding="utf-8")
