@@ -52,6 +52,9 @@ _TARGETED_READ_MAX_SHARE = 0.2
 # A first import (no person in the directory yet) of at least this many new entries is loaded
 # offline with slapadd unless --online; --bulk forces it for any import.
 BULK_MIN_ADDS = 10_000
+# ldapmodify processes writing side by side, and the fewest records each is given.
+APPLY_STREAMS = 4
+STREAM_MIN_RECORDS = 50
 _UAI_IN_DN = re.compile(r"^ENTStructureUAI=([^,]+),", re.IGNORECASE)
 
 
@@ -188,11 +191,53 @@ class Directory:
         if text:
             self.t.run(["ldapmodify", *self._auth()], stdin=text.encode("utf-8"))
 
-    def apply_parts(self, parts: list[str]) -> None:
-        """:meth:`apply` of the parts joined, without the joined text's copy in memory."""
-        if parts:
-            self.t.run(["ldapmodify", *self._auth()],
-                       stdin=b"".join(part.encode("utf-8") for part in parts))
+    def apply_parts(self, parts: list[str], streams: int = APPLY_STREAMS) -> None:
+        """Apply change records in their order, each run of independent records (see
+        :func:`independent_runs`) split over up to ``streams`` ldapmodify run side by side.
+
+        slapd flushes each write transaction to disk; transactions of concurrent connections
+        share the file system's journal commits (one ldapmodify waits for every flush of its
+        own). A run ends before the next starts, so a group is written after its members
+        exist (the memberof overlay sets memberOf on existing entries only). When a stream
+        fails, the others still finish their records; the first error is raised, and running
+        the same import again applies what is missing, as after a failed single ldapmodify."""
+        for run in independent_runs(parts):
+            size = max(1, -(-len(run) // max(1, streams)))
+            if len(run) < STREAM_MIN_RECORDS * 2:
+                size = len(run)
+            chunks = [run[i:i + size] for i in range(0, len(run), size)]
+            if len(chunks) == 1:
+                self._ldapmodify(chunks[0])
+                continue
+            with ThreadPoolExecutor(max_workers=len(chunks),
+                                    thread_name_prefix="ldapmodify") as pool:
+                done = [pool.submit(self._ldapmodify, chunk) for chunk in chunks]
+            errors = [f.exception() for f in done if f.exception() is not None]
+            if errors:
+                raise errors[0]  # type: ignore[misc]
+
+    def _ldapmodify(self, parts: list[str]) -> None:
+        self.t.run(["ldapmodify", *self._auth()],
+                   stdin=b"".join(part.encode("utf-8") for part in parts))
+
+
+def independent_runs(parts: list[str]) -> list[list[str]]:
+    """The change records cut into runs that may be applied in any order: consecutive records
+    under the same parent entry, all adds and modifies or all deletes, each DN once. The
+    importer writes containers, structures, people, groups, then deletions, in that order."""
+    runs: list[list[str]] = []
+    key: tuple[str, bool] | None = None
+    seen: set[str] = set()
+    for part in parts:
+        dn, kind = ldif.target(part)
+        dn = dn.lower()
+        this = (ldif.parent(dn), kind == "delete")
+        if this != key or dn in seen:
+            runs.append([])
+            key, seen = this, set()
+        seen.add(dn)
+        runs[-1].append(part)
+    return runs
 
 
 def _filter_escape(value: str) -> str:
@@ -550,7 +595,8 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                 timings.update(report.timings)
                 online = report.online
             if online:
-                progress(f"applying {len(online)} change(s) in one ldapmodify")
+                progress(f"applying {len(online)} change(s) with ldapmodify "
+                         f"(up to {APPLY_STREAMS} side by side)")
                 try:
                     directory.apply_parts(online)
                 except UserError as exc:

@@ -140,6 +140,33 @@ def delete(dn: str) -> str:
     return line("dn", dn) + "changetype: delete\n\n"
 
 
+def target(record: str) -> tuple[str, str]:
+    """(DN, changetype) of one change record written by :func:`add`, :func:`modify` or
+    :func:`delete` (its first two lines)."""
+    first, _, rest = record.partition("\n")
+    if first.startswith("dn:: "):
+        dn = base64.b64decode(first[5:]).decode("utf-8")
+    elif first.startswith("dn: "):
+        dn = first[4:]
+    else:
+        raise ValueError(f"not a change record: {first[:80]!r}")
+    kind = rest.partition("\n")[0]
+    return dn, kind.removeprefix("changetype: ")
+
+
+def parent(dn: str) -> str:
+    """The DN without its first RDN (escaped commas, ``\\,``, stay in the RDN)."""
+    i = 0
+    while i < len(dn):
+        if dn[i] == "\\":
+            i += 2
+            continue
+        if dn[i] == ",":
+            return dn[i + 1:]
+        i += 1
+    return ""
+
+
 _RDN_SPECIAL = re.compile(r'[,+"\\<>;=]|^[ #]| $')
 
 

@@ -221,3 +221,48 @@ def test_dry_run_writes_nothing(export: Path, farm: Farm, directory: Directory) 
     assert result.changes.counts["people add"] > 150 and "changetype: add" in result.changes.ldif
     assert directory.dump() == before
     assert not (farm.state_dir / "aaf").exists()
+
+
+def test_independent_runs_cut_at_parent_kind_and_repeated_dn() -> None:
+    from entfarm.aaf import ldif
+    from entfarm.aaf.importer import independent_runs
+
+    base = "dc=x"
+    parts = [
+        ldif.add(f"ou=people,{base}", {"ou": ["people"]}),
+        ldif.add(f"ou=groups,{base}", {"ou": ["groups"]}),
+        ldif.add(f"uid=a,ou=people,{base}", {"uid": ["a"]}),
+        ldif.modify(f"uid=b,ou=people,{base}", {"sn": ["B"]}),
+        ldif.add(f"uid=é\\,c,ou=people,{base}", {"uid": ["é,c"]}),  # a dn:: line, an escape
+        ldif.modify(f"UID=A,ou=people,{base}", {"sn": ["A"]}),  # the same entry again
+        ldif.add(f"cn=g,ou=groups,{base}", {"member": [f"uid=a,ou=people,{base}"]}),
+        ldif.delete(f"cn=h,ou=groups,{base}"),
+        ldif.delete(f"uid=z,ou=people,{base}"),
+    ]
+    runs = independent_runs(parts)
+    assert [len(r) for r in runs] == [2, 3, 1, 1, 1, 1]
+    assert [p for r in runs for p in r] == parts  # nothing lost, order kept
+    assert ldif.target(parts[4]) == (f"uid=é\\,c,ou=people,{base}", "add")
+    assert ldif.parent(f"uid=é\\,c,ou=people,{base}") == f"ou=people,{base}"
+
+
+def test_parallel_streams_finish_and_report_a_failed_one(directory: Directory) -> None:
+    from entfarm.aaf import ldif
+    from entfarm.aaf.transport import TransportError
+
+    people = f"ou=people,{directory.base}"
+    directory.apply(ldif.add(people, {"objectClass": ["organizationalUnit"], "ou": ["people"]}))
+
+    def person(i: int) -> str:
+        return ldif.add(f"uid=p{i},{people}", {"objectClass": ["inetOrgPerson"],
+                                               "uid": [f"p{i}"], "cn": [f"P {i}"], "sn": ["P"]})
+
+    parts = [person(i) for i in range(200)]
+    parts[10] = ldif.add(f"uid=p10,{people}", {"objectClass": ["inetOrgPerson"],
+                                               "uid": ["p10"]})  # no sn, no cn: refused
+    with pytest.raises(TransportError, match="ldapmodify failed"):
+        directory.apply_parts(parts, streams=4)
+    written = directory.search(people, "(objectClass=inetOrgPerson)", ("uid",))
+    got = {e["uid"][0] for e in written.values()}
+    # The failed stream (records 0-49) stopped at its bad record; the other three finished.
+    assert got == {f"p{i}" for i in [*range(10), *range(50, 200)]}
