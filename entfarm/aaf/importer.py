@@ -601,7 +601,8 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                     directory.apply_parts(online)
                 except UserError as exc:
                     if backup is None:
-                        raise
+                        raise _partly_applied(exc, state, cs, stamp, directory, record) \
+                            from exc
                     # The loaded accounts are in the directory: keep their logins and
                     # one-time codes, which a second run could not give again.
                     written = _keep_accounts(state, cs, stamp)
@@ -621,6 +622,35 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
     record.update(status="ok", timings=timings, distribution=[str(p) for p in distribution])
     run = _write_run(state, stamp, record)
     return ImportResult(cs, True, run, distribution, timings, backup)
+
+
+def _partly_applied(exc: UserError, state: Path, cs: ChangeSet, stamp: str,
+                    directory: Directory, record: dict[str, Any]) -> UserError:
+    """After a failed ldapmodify: keep the one-time codes of the new accounts it wrote before
+    failing (a second run would not give them again), and say what a second run does."""
+    if not cs.new_accounts:
+        return exc
+    written: set[str] = set()
+    logins = [a.login for a in cs.new_accounts]
+    try:
+        for i in range(0, len(logins), _TARGETED_READ_CHUNK):
+            terms = "".join(f"(uid={_filter_escape(x)})"
+                            for x in logins[i:i + _TARGETED_READ_CHUNK])
+            found = directory.search(f"ou=people,{directory.base}", f"(|{terms})", ("uid",))
+            written |= {v for e in found.values() for v in e.get("uid", [])}
+    except UserError as again:  # the directory is gone too: say so, keep nothing unsure
+        return UserError(f"{exc}\nThe new accounts written before the failure could not be "
+                         f"read back ({again}); their one-time codes are lost: reset them "
+                         "after the next import")
+    kept = [a for a in cs.new_accounts if a.login in written]
+    keep = ChangeSet(skipped=cs.skipped)
+    keep.logins, keep.new_accounts = cs.logins, kept
+    paths = _keep_accounts(state, keep, stamp)
+    record["distribution"] = [str(p) for p in paths]
+    return UserError(f"{exc}\n{len(kept)} of the {len(cs.new_accounts)} new accounts were "
+                     f"written before the failure; their distribution files: "
+                     f"{', '.join(str(p) for p in paths) or 'none'}. Running the same import "
+                     "again applies the changes still missing")
 
 
 def _keep_accounts(state: Path, cs: ChangeSet, stamp: str) -> list[Path]:

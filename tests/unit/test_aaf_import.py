@@ -13,6 +13,7 @@ from aaf_conftest import REPO, Slapd, slapd
 
 from entfarm.aaf.generate import generate, generate_delta, modify_request
 from entfarm.aaf.importer import Directory, ImportRefused, run_import
+from entfarm.errors import UserError
 from entfarm.model import Farm, load_farm
 
 __all__ = ["slapd"]
@@ -266,3 +267,34 @@ def test_parallel_streams_finish_and_report_a_failed_one(directory: Directory) -
     got = {e["uid"][0] for e in written.values()}
     # The failed stream (records 0-49) stopped at its bad record; the other three finished.
     assert got == {f"p{i}" for i in [*range(10), *range(50, 200)]}
+
+
+def test_failed_apply_keeps_the_codes_of_the_accounts_it_wrote(
+        export: Path, farm: Farm, directory: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from entfarm.aaf.transport import TransportError
+
+    real = Directory._ldapmodify
+    failed: list[int] = []
+
+    def half_then_fail(self: Directory, parts: list[str]) -> None:
+        if not failed and ",ou=people," in parts[0].partition("\n")[0]:
+            failed.append(len(parts))  # the first stream of people: half of it, then an error
+            real(self, parts[:len(parts) // 2])
+            raise TransportError("ldapmodify failed on local (exit 80): simulated", 80)
+        real(self, parts)
+
+    monkeypatch.setattr(Directory, "_ldapmodify", half_then_fail)
+    with pytest.raises(UserError) as caught:
+        run_import(export, farm, directory, now=NOW, bulk=False)
+    message = str(caught.value)
+    assert "simulated" in message and "running the same import again" in message.lower()
+    present = {e["uid"][0] for e in _people(directory).values()}
+    [csv_file] = (farm.state_dir / "aaf" / "distribution" / UAI).glob("comptes-*.csv")
+    kept = {row.split(";")[0] for row in csv_file.read_text(encoding="utf-8").splitlines()[1:]}
+    assert kept and kept == present  # every written account's code, no code of a missing one
+    monkeypatch.setattr(Directory, "_ldapmodify", real)
+    again = run_import(export, farm, directory, now=NOW + dt.timedelta(hours=1), bulk=False)
+    rows = [row.split(";")[0] for path in again.distribution
+            for row in path.read_text(encoding="utf-8").splitlines()[1:]]
+    assert rows and not set(rows) & kept
+    assert set(rows) | kept == {e["uid"][0] for e in _people(directory).values()}
