@@ -464,8 +464,12 @@ def _render_export(export: Any) -> None:
               help="--bulk: load the new entries offline (slapd stopped, a slapcat backup "
               "taken and restored on failure, slapadd, slapd started). --online: ldapmodify "
               "only. Default: bulk for a first import of at least 10 000 entries.")
+@click.option("--streams", default=4, show_default=True, type=click.IntRange(1, 16),
+              help="ldapmodify connections writing side by side (1: one after the other, to "
+              "spare a busy directory).")
 def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool, force: bool,
-               max_deactivate: float, full_compare: bool, bulk: bool | None) -> None:
+               max_deactivate: float, full_compare: bool, bulk: bool | None,
+               streams: int) -> None:
     """Import an export into the directory (onboarded établissements only)."""
     from pathlib import Path
 
@@ -476,7 +480,7 @@ def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool,
 
     farm = _farm(inventory)
     transport = for_farm(farm)
-    directory = Directory(transport, farm.spec.academie.base_dn)
+    directory = Directory(transport, farm.spec.academie.base_dn, streams=streams)
     # Once a wave has run, the ledger says which établissements are onboarded.
     scope, held = read_scope(farm) or (None, set())
     if scope is not None:

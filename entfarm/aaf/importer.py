@@ -142,9 +142,10 @@ def _months_before(now: dt.datetime, months: int) -> dt.datetime:
 class Directory:
     """Reads and writes the directory through a transport, with the OpenLDAP client tools."""
 
-    def __init__(self, transport: Transport, base_dn: str):
+    def __init__(self, transport: Transport, base_dn: str, streams: int = APPLY_STREAMS):
         self.t = transport
         self.base = base_dn
+        self.streams = streams  # ldapmodify side by side at most (see apply_parts)
         self._pending: dict[Query, Future[dict[str, ldif.Entry]]] = {}
 
     def prefetch(self, queries: list[Query]) -> None:
@@ -191,7 +192,7 @@ class Directory:
         if text:
             self.t.run(["ldapmodify", *self._auth()], stdin=text.encode("utf-8"))
 
-    def apply_parts(self, parts: list[str], streams: int = APPLY_STREAMS) -> None:
+    def apply_parts(self, parts: list[str], streams: int | None = None) -> None:
         """Apply change records in their order, each run of independent records (see
         :func:`independent_runs`) split over up to ``streams`` ldapmodify run side by side.
 
@@ -201,6 +202,7 @@ class Directory:
         exist (the memberof overlay sets memberOf on existing entries only). When a stream
         fails, the others still finish their records; the first error is raised, and running
         the same import again applies what is missing, as after a failed single ldapmodify."""
+        streams = self.streams if streams is None else streams
         for run in independent_runs(parts):
             size = max(1, -(-len(run) // max(1, streams)))
             if len(run) < STREAM_MIN_RECORDS * 2:
@@ -596,7 +598,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                 online = report.online
             if online:
                 progress(f"applying {len(online)} change(s) with ldapmodify "
-                         f"(up to {APPLY_STREAMS} side by side)")
+                         f"(up to {directory.streams} side by side)")
                 try:
                     directory.apply_parts(online)
                 except UserError as exc:
