@@ -182,7 +182,7 @@ class Engine:
                                         "detail": step.skip_reason(etab)})
                     elif not step.built:
                         actions.append({"step": step.name, "outcome": "not_built",
-                                        "detail": "nothing was applied: role not built yet"})
+                                        "detail": "nothing was applied: step not built yet"})
                     else:
                         self._emit(ProgressEvent("step", uai=uai, what=f"disable {step.name}"))
                         actions.append({"step": step.name, "outcome": "disabled",
@@ -276,7 +276,7 @@ class Engine:
                 if not step.applicable(e):
                     outcome, note = SKIPPED, step.skip_reason(e)
                 elif not step.built:
-                    outcome, note = "not_built", "role not built yet: nothing applied"
+                    outcome, note = "not_built", "step not built yet: nothing applied"
                 else:
                     try:
                         if step.check(e):

@@ -6,8 +6,8 @@ AAF import does), ``verify`` is its gate and returns :class:`Evidence`, ``disabl
 établissement out with its data kept. Adding a service's tenant is one class here and one line in
 :func:`default_steps`.
 
-Gates never pass what they could not check: a service whose role is not built yet answers
-"not verifiable", and a service absent from farm.yml is "skipped" (not deployed).
+Gates never pass what they could not check: a step not built yet answers "not verifiable",
+and a service absent from farm.yml is "skipped" (not deployed).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ PASSED: Outcome = "passed"
 FAILED_GATE: Outcome = "failed"
 NOT_VERIFIABLE: Outcome = "not_verifiable"
 SKIPPED: Outcome = "skipped"
-NOT_BUILT = "not verifiable: role not built yet"
+NOT_BUILT = "not verifiable: step not built yet"
 # The roles whose local facts carry the deployed version of a central service.
 CENTRAL_ROLES = ("directory", "cas", "portal", "proxy", "postgresql", "redis")
 
@@ -504,12 +504,12 @@ class PortalStep(Step):
                 "deactivated, so nobody of it can log in")
 
 
-# -- services whose roles come with later issues ---------------------------------------------------
+# -- service tenants whose steps are not built yet -----------------------------------------------
 
 
 class ServiceTenantStep(Step):
-    """A service's tenant for the établissement; the role does not exist yet, so the step
-    applies nothing and its gate is never passed."""
+    """A service's tenant for the établissement, not built yet: the step applies nothing and
+    its gate is never passed."""
 
     built = False
 
@@ -527,7 +527,7 @@ class ServiceTenantStep(Step):
         return f"not deployed (no services.{self.name} in farm.yml)"
 
     def plan(self, etab: Etablissement) -> str:
-        return self.what.format(uai=etab.uai, name=etab.name) + " (role not built yet)"
+        return self.what.format(uai=etab.uai, name=etab.name) + " (tenant step not built yet)"
 
 
 class SchoolServerStep(Step):

@@ -351,7 +351,7 @@ def test_loiret_plans_three_waves_of_valid_uais(tmp_path: Path) -> None:
     titles = plans[0].step_titles
     assert titles[:2] == ["Annuaire (AAF)", "Portail"] and "Moodle" in titles
     first = dict(plans[0].rows[0].steps)
-    assert "(role not built yet)" in first["Moodle"]
+    assert "(tenant step not built yet)" in first["Moodle"]
     assert plans[0].rows[0].school_server == "se-0450008p"
     wave3 = dict(plans[2].rows[0].steps)
     assert wave3["Serveur d'établissement"].startswith("none declared")
