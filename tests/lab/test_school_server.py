@@ -197,3 +197,19 @@ def test_teacher_logs_in_while_the_directory_is_down(
     assert on_idp("systemctl is-active slapd").stdout.strip() != "active"
     home = smbclient(school, teacher, teacher.login, "ls")
     assert home.returncode == 0, home.stdout + home.stderr
+
+
+def test_backup_then_a_deleted_file_comes_back(schools: list[School]) -> None:
+    school = schools[0]
+    kept = "/srv/ecole/commun/a-garder.txt"
+    wrote = run(school.server, f"echo 'cours du lundi' > {kept}")
+    assert wrote.returncode == 0, wrote.stderr
+    backup = run(school.server, "systemctl start entfarm-school-backup.service", timeout=300)
+    assert backup.returncode == 0, run(school.server, "journalctl -u entfarm-school-backup "
+                                       "--no-pager -n 20").stdout
+    snapshots = run(school.server, "entfarm-school-restore --list")
+    assert snapshots.returncode == 0 and "daily" in snapshots.stdout, snapshots.stdout
+    assert run(school.server, f"rm {kept}").returncode == 0
+    restored = run(school.server, f"entfarm-school-restore {kept}", timeout=300)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert run(school.server, f"cat {kept}").stdout == "cours du lundi\n"

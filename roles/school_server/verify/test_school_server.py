@@ -124,3 +124,14 @@ def test_proxy_logs_are_kept_the_retention_and_no_longer(host: Any) -> None:
     assert re.search(rf"^\s*rotate {days}$", rotation, re.M)
     assert re.search(rf"^\s*maxage {days}$", rotation, re.M)
     assert host.run("logrotate --debug /etc/logrotate.d/squid").rc == 0
+
+
+def test_backup_is_scheduled_daily_to_its_repository(host: Any) -> None:
+    fact(host)
+    env = host.file("/etc/entfarm-school/restic.env")
+    if not env.exists:
+        pytest.skip("not verifiable: no backup host in farm.yml (services.backup)")
+    assert env.mode == 0o600 and host.file("/etc/entfarm-school/restic.password").mode == 0o600
+    assert host.service("entfarm-school-backup.timer").is_enabled
+    probe = host.run("/usr/local/sbin/entfarm-school-backup --probe")
+    assert probe.rc == 0, probe.stderr
