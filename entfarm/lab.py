@@ -507,8 +507,8 @@ def container_spec(farm: Farm, host: FarmHost, image: str) -> dict[str, Any]:
 
 # -- school LANs and their classroom clients ----------------------------------------------------
 # A school server serves its collège's LAN (DHCP, DNS, proxy, files): in the lab each LAN is a
-# Docker network of its own, internal (nothing leaves it), where the school server has its
-# farm.yml address and a "classroom" container plays a pupil's workstation. Docker's IPAM hands
+# Docker network of its own (no route out: see _ensure_lan_network), where the school server has
+# its farm.yml address and a "classroom" container plays a pupil's workstation. Docker's IPAM hands
 # out addresses only from a small block at the top of the subnet, outside the school server's
 # DHCP range; the classroom drops its Docker address and asks the school server for a lease.
 
@@ -588,16 +588,20 @@ def _ensure_lan_network(client: Any, farm: Farm, lan: SchoolLanSpec,
             raise LabError(f"Docker network {lan.network!r} exists but does not belong to farm "
                            f"{farm.name!r}: remove it")
         config = (found[0].attrs.get("IPAM") or {}).get("Config") or [{}]
-        if config[0].get("Subnet") == lan.subnet:
+        if config[0].get("Subnet") == lan.subnet and not found[0].attrs.get("Internal"):
             return
+        found[0].reload()  # a listed network does not name its containers
         for container in found[0].containers:
             found[0].disconnect(container, force=True)
         found[0].remove()
     pool = docker.types.IPAMPool(subnet=lan.subnet, gateway=lan.gateway, iprange=lan.ip_range)
-    client.networks.create(lan.network, driver="bridge", internal=True,
+    # Not internal: Docker drops the DHCP broadcasts (to 255.255.255.255, outside the subnet)
+    # of an internal network. No address of the LAN has a route out all the same: the leases
+    # announce no router, and the classroom drops the one Docker gave it.
+    client.networks.create(lan.network, driver="bridge", internal=False,
                            ipam=docker.types.IPAMConfig(pool_configs=[pool]),
                            labels={"entfarm.farm": farm.name, "entfarm.lan": lan.subnet})
-    _say(progress, f"network {lan.network}: created ({lan.subnet}, internal)")
+    _say(progress, f"network {lan.network}: created ({lan.subnet})")
 
 
 def _connect_lan(container: Any, client: Any, lan: SchoolLanSpec) -> None:
@@ -645,6 +649,9 @@ def _ensure_classrooms(client: Any, farm: Farm, base: str,
         if container is None:
             container = _create(client, spec, lan.classroom, farm)
             action = "created" if action == "unchanged" else action
+        container.reload()
+        if lan.network not in (container.attrs.get("NetworkSettings", {}).get("Networks") or {}):
+            client.networks.get(lan.network).connect(container)  # its LAN was recreated
         if container.status != "running":
             _start(container, lan.classroom, farm)
             action = "started" if action == "unchanged" else action

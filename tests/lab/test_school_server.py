@@ -83,16 +83,13 @@ class Person:
 def people(school: School, lab_farm: Farm, accounts: dict[str, list[Account]],
            label: str) -> list[Person]:
     """Imported people of a profile in the school, with their classes from the replica."""
-    base = lab_farm.spec.academie.base_dn
     found = []
     for account in accounts.get(label, []):
         if account.uai != school.uai:
             continue
-        out = run(school.server, "ldapsearch -Q -LLL -o ldif-wrap=no -Y EXTERNAL -H ldapi:/// "
-                  f"-b ou=people,{base} uid={shlex.quote(account.login)} "
-                  "ENTEleveClasses ENTAuxEnsClasses")
-        classes = tuple(sorted({line.split("$")[1] for line in out.stdout.splitlines()
-                                if "Classes: " in line and "$" in line}))
+        # the class groups the school server gave the account (from the replica)
+        out = run(school.server, f"id -Gn {shlex.quote(account.login)}")
+        classes = tuple(sorted(g for g in out.stdout.split() if g.startswith("classe-")))
         found.append(Person(account.login, account.code, classes))
     return found
 
@@ -105,7 +102,7 @@ def smbclient(school: School, person: Person, share: str, command: str) -> Any:
 
 def teacher_and_outsider(school: School, lab_farm: Farm, accounts: dict[str, list[Account]]
                          ) -> tuple[Person, str, Person]:
-    """A teacher with a class, that class, and a pupil who is not in it."""
+    """A teacher with a class, that class's share, and a pupil who is not in it."""
     pupils = people(school, lab_farm, accounts, "élève")
     for teacher in people(school, lab_farm, accounts, "enseignant"):
         for name in teacher.classes:
@@ -132,9 +129,11 @@ def test_replica_holds_exactly_its_etablissement(schools: list[School], lab_farm
 def test_classroom_gets_a_lease_and_resolves_the_farm(schools: list[School],
                                                       lab_farm: Farm) -> None:
     for school in schools:
-        out = run(school.classroom, "ip -4 addr flush dev eth0 && "
-                  "dhclient -1 -v -lf /var/lib/dhcp/dhclient.eth0.leases eth0 2>&1; "
-                  "ip -4 -o addr show dev eth0", timeout=90)
+        # the LAN interface (its name depends on how often Docker connected it)
+        out = run(school.classroom, "dev=$(ls /sys/class/net | grep -vx lo | head -1) && "
+                  "ip -4 addr flush dev $dev && "
+                  "dhclient -1 -v -lf /var/lib/dhcp/dhclient.leases $dev 2>&1; "
+                  "ip -4 -o addr show dev $dev", timeout=90)
         assert out.returncode == 0, out.stdout + out.stderr
         address = out.stdout.split("inet ")[-1].split("/")[0]
         first, last = (tuple(int(x) for x in a.split(".")) for a in school.dhcp)
@@ -148,8 +147,7 @@ def test_classroom_gets_a_lease_and_resolves_the_farm(schools: list[School],
 def test_teacher_writes_the_class_share_and_another_pupil_is_refused(
         schools: list[School], lab_farm: Farm, imported: dict[str, list[Account]]) -> None:
     for school in schools:
-        teacher, name, outsider = teacher_and_outsider(school, lab_farm, imported)
-        share = "classe-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+        teacher, share, outsider = teacher_and_outsider(school, lab_farm, imported)
         stamp = f"cours-{int(time.time())}.txt"
         wrote = smbclient(school, teacher, share, f"put /etc/hostname {stamp}; ls")
         assert wrote.returncode == 0 and stamp in wrote.stdout, wrote.stdout + wrote.stderr

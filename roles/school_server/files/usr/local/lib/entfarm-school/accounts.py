@@ -66,26 +66,33 @@ def write(path: Path, text: str, mode: int, group: int = 0) -> bool:
     return True
 
 
-def read_people(base_dn: str, uai: str) -> list[dict[str, list[str]]]:
+def read_people(base_dn: str, uai: str) -> tuple[list[dict[str, list[str]]], set[str]]:
+    """The replica's people, and the AAF ids of the établissement (class values start with
+    one: a teacher of two collèges has the classes of both)."""
     conn = ldap.initialize("ldapi:///")
     conn.sasl_non_interactive_bind_s("EXTERNAL")
+    structures = conn.search_s(f"ou=structures,{base_dn}", ldap.SCOPE_ONELEVEL,
+                               f"(ENTStructureUAI={uai})", ["ENTStructureJointure"])
+    ids = {v.decode() for _dn, e in structures for v in e.get("ENTStructureJointure", [])}
     found = conn.search_s(f"ou=people,{base_dn}", ldap.SCOPE_ONELEVEL,
                           "(objectClass=ENTPerson)", ATTRS)
     people = []
     for _dn, entry in found:
         people.append({k: [v.decode() for v in vs] for k, vs in entry.items()})
-    return people
+    return people, ids
 
 
-def classes_of(person: dict[str, list[str]]) -> list[str]:
+def classes_of(person: dict[str, list[str]], ids: set[str]) -> list[str]:
+    """Classes of the person in this établissement: values <structure id>$<class>."""
     values = person.get("ENTEleveClasses", []) + person.get("ENTAuxEnsClasses", [])
-    return sorted({v.split("$")[1] for v in values if v.count("$") >= 1 and v.split("$")[1]})
+    return sorted({v.split("$")[1] for v in values
+                   if v.count("$") >= 1 and v.split("$")[0] in ids and v.split("$")[1]})
 
 
 def main() -> int:
     config = json.loads(CONFIG.read_text(encoding="utf-8"))
     base, root = int(config["id_base"]), Path(config["share_root"])
-    people = read_people(config["base_dn"], config["uai"])
+    people, ids = read_people(config["base_dn"], config["uai"])
     taken: set[int] = set()
     groups: dict[str, list[str]] = {"eleves": [], "enseignants": [], "personnels": []}
     gids = {g: base - 10 + i for i, g in enumerate(groups)}
@@ -102,7 +109,7 @@ def main() -> int:
         groups[primary].append(login)
         if TEACHER in profiles:
             groups["enseignants"].append(login)
-        for name in classes_of(person):
+        for name in classes_of(person, ids):
             group = f"classe-{slug(name)}"
             class_names[group] = name
             groups.setdefault(group, []).append(login)
