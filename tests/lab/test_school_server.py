@@ -19,6 +19,7 @@ from identity_helpers import Account, ldap_root_search, on_host, on_idp
 from entfarm.lab import school_lan
 from entfarm.model import Farm
 
+pytestmark = pytest.mark.lab
 imported = helpers.imported
 
 
