@@ -10,6 +10,7 @@ import pytest
 
 from entfarm import lab
 from entfarm.artifacts import ArtifactError, blocklist_domains
+from entfarm.errors import UserError
 from entfarm.inventory import host_vars
 from entfarm.model import Farm, SchoolLan, load_farm
 from entfarm.ntlm import md4, nt_hash
@@ -72,3 +73,41 @@ def test_school_servers_get_their_lan_as_flat_variables(farm: Farm) -> None:
     assert set(lan) == {"subnet", "netmask", "prefix", "address", "router", "dhcp_start",
                         "dhcp_end"}
     assert "entfarm_school_lan" not in hv["idp"]
+
+
+def test_school_server_step_converges_its_host_then_gates_on_its_suite(
+        farm: Farm, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from entfarm import runner, verify
+    from entfarm.waves import steps
+
+    step = steps.SchoolServerStep(farm)
+    etab = next(e for e in farm.spec.etablissements if e.school_server)
+    other = next(e for e in farm.spec.etablissements if not e.school_server)
+    assert step.applicable(etab) and not step.applicable(other)
+    played: list[tuple[str, str | None]] = []
+
+    def fake_playbook(_farm: Farm, playbook: str, **kw: object) -> runner.RunResult:
+        played.append((playbook, kw.get("limit")))  # type: ignore[arg-type]
+        return runner.RunResult(playbook, tmp_path, "failed", 2, failures=[
+            {"task": "replica | Wait", "message": "unreachable"}])
+
+    monkeypatch.setattr(runner, "run_playbook", fake_playbook)
+    with pytest.raises(UserError, match="se-0360005k: schools play failed"):
+        step.apply(etab)
+    assert played == [("playbooks/schools.yml", "se-0360005k")]
+
+    suites: list[tuple[list[str], list[str] | None]] = []
+
+    def fake_verify(_farm: Farm, roles: list[str], limit: str = "all",
+                    extra_args: list[str] | None = None, hosts: list[str] | None = None) -> int:
+        suites.append((roles, hosts))
+        report = next(a.split("=", 1)[1] for a in extra_args or [] if a.startswith("--junit"))
+        Path(report).write_text('<testsuite tests="9" failures="0" errors="0" skipped="9"/>')
+        return 0
+
+    monkeypatch.setattr(verify, "run_verify", fake_verify)
+    monkeypatch.setattr(runner, "new_run_dir", lambda _farm, name: tmp_path)
+    evidence = step.verify(etab)
+    assert suites == [(["school_server"], ["se-0360005k"])]
+    # every check skipped ("not verifiable") proves nothing: the gate does not pass
+    assert evidence.outcome == steps.FAILED_GATE and "no check ran" in evidence.detail

@@ -21,7 +21,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ldap
@@ -98,7 +97,8 @@ def main() -> int:
     gids = {g: base - 10 + i for i, g in enumerate(groups)}
     class_names: dict[str, str] = {}
     passwd, shadow, smbpasswd, proxy_users, pupils = [], [], [], [], []
-    now = f"LCT-{int(time.time()) // 86400 * 86400:08X}"
+    # Last change time: none known (the directory keeps it); a constant keeps the file stable.
+    now = "LCT-00000000"
     for person in sorted(people, key=lambda p: p.get("uid", [""])[0]):
         login = (person.get("uid") or [""])[0]
         profiles = person.get("ENTPersonProfils", [])
