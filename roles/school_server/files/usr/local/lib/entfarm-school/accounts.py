@@ -97,8 +97,9 @@ def main() -> int:
     gids = {g: base - 10 + i for i, g in enumerate(groups)}
     class_names: dict[str, str] = {}
     passwd, shadow, smbpasswd, proxy_users, pupils = [], [], [], [], []
-    # Last change time: none known (the directory keeps it); a constant keeps the file stable.
-    now = "LCT-00000000"
+    # Last change time: a constant keeps the file stable (the directory knows the real one);
+    # not zero, which Samba reads as "must change the password at next logon".
+    lct = "LCT-5F5E1000"
     for person in sorted(people, key=lambda p: p.get("uid", [""])[0]):
         login = (person.get("uid") or [""])[0]
         profiles = person.get("ENTPersonProfils", [])
@@ -122,7 +123,7 @@ def main() -> int:
         usable = active and re.fullmatch(r"[0-9A-F]{32}", nthash) is not None
         flags = "[U          ]" if usable else "[DU         ]"
         smbpasswd.append(f"{login}:{uid}:{'X' * 32}:{nthash if usable else 'X' * 32}:"
-                         f"{flags}:{now}:\n")
+                         f"{flags}:{lct}:\n")
         if usable:
             proxy_users.append(f"{login}:{nthash}\n")
             if primary == "eleves":
