@@ -233,8 +233,12 @@ def known_names(farm: Farm) -> list[str]:
 
 
 def required_artifacts(farm: Farm) -> list[str]:
-    """Artifacts a deploy needs: one per placed service that has a source or a recipe."""
-    return [s for s in farm.spec.services if kind_of(farm, s) is not None]
+    """Artifacts a deploy needs: one per placed service that has a source or a recipe, and the
+    school servers' proxy blocklist when the farm has school servers."""
+    names = [s for s in farm.spec.services if kind_of(farm, s) is not None]
+    if any(e.school_server for e in farm.spec.etablissements):
+        names.append(BLOCKLIST)
+    return names
 
 
 def source_file(name: str, url: str) -> str:
@@ -835,6 +839,47 @@ def build_etherpad(ctx: BuildContext) -> str:
     }, indent=2) + "\n", encoding="utf-8")
     _tar(ctx, tree, ctx.out / ETHERPAD_FILE)
     return ETHERPAD_VERSION
+
+
+# -- recipe: the school servers' proxy blocklist --------------------------------------------
+
+BLOCKLIST = "blocklist"
+BLOCKLIST_SOURCE = "blocklist.txt"  # in the inventory directory: one domain a line, # comments
+BLOCKLIST_FILE = "blocklist.txt"  # in the store: squid dstdomain lines, .<domain>
+
+
+def blocklist_domains(text: str) -> list[str]:
+    """Domains of a list, lower case, each once, without those a listed parent covers: squid
+    reads ``.example.org`` as the domain and all its subdomains, and warns about overlaps."""
+    domains = set()
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip().lower().lstrip(".")
+        if line:
+            if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9])?", line):
+                raise ArtifactError(f"blocklist: {line!r} is not a domain name")
+            domains.add(line)
+
+    def covered(domain: str) -> bool:
+        parts = domain.split(".")
+        return any(".".join(parts[i:]) in domains for i in range(1, len(parts)))
+
+    return sorted(d for d in domains if not covered(d))
+
+
+@recipe(BLOCKLIST, f"recipe blocklist: <inventory>/{BLOCKLIST_SOURCE} as squid dstdomain lines; "
+        "production declares a source (a published list) under artifacts.sources.blocklist")
+def build_blocklist(ctx: BuildContext) -> str:
+    """The domains the school servers' proxies refuse to pupils."""
+    source = ctx.farm.inventory_dir / BLOCKLIST_SOURCE
+    if not source.is_file():
+        raise ArtifactError(
+            f"artifact {BLOCKLIST!r}: {source} is missing; write one domain a line there, or "
+            f"declare artifacts.sources.{BLOCKLIST} (a published list) in {ctx.farm.file}")
+    domains = blocklist_domains(source.read_text(encoding="utf-8"))
+    text = "".join(f".{d}\n" for d in domains)
+    (ctx.out / BLOCKLIST_FILE).write_text(text, encoding="utf-8")
+    ctx.say(f"{len(domains)} domain(s)")
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def farm_vars(farm: Farm) -> dict[str, Any]:
         "entfarm_ntp_servers": list(spec.farm.ntp_servers),
         "entfarm_apt_mirror": spec.farm.apt_mirror,
         "entfarm_retention_months": spec.farm.retention_months,
+        "entfarm_proxy_log_retention_days": spec.farm.proxy_log_retention_days,
         "entfarm_academie": spec.academie.model_dump(),
         "entfarm_departements": [d.model_dump() for d in spec.departements],
         "entfarm_waves": [w.model_dump() for w in spec.waves],
@@ -110,7 +111,16 @@ def host_vars(farm: Farm) -> dict[str, dict[str, Any]]:
                 names += public[service]["names"]
         hv["entfarm_host_public_names"] = list(dict.fromkeys(names))
         if host.etablissement:
-            hv["entfarm_etablissement"] = etabs[host.etablissement].model_dump()
+            etab = etabs[host.etablissement]
+            hv["entfarm_etablissement"] = etab.model_dump()
+            if etab.lan is not None:
+                net = etab.lan.network()
+                first, last = etab.lan.leases()
+                hv["entfarm_school_lan"] = {
+                    "subnet": str(net), "netmask": str(net.netmask), "prefix": net.prefixlen,
+                    "address": etab.lan.server_address(), "router": etab.lan.router,
+                    "dhcp_start": first, "dhcp_end": last,
+                }
         # Address other hosts use to reach this one on the farm network (lab: Docker DNS alias).
         hv["entfarm_address"] = host.name if farm.kind == "lab" else (host.address or host.name)
         reach = farm.reach(host)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 
 from .errors import UserError
 from .model import Farm, FarmHost
@@ -465,12 +467,14 @@ def container_spec(farm: Farm, host: FarmHost, image: str) -> dict[str, Any]:
     run from /tmp.
     """
     network = farm.lab.network
+    lan = school_lan(farm, host)
     spec: dict[str, Any] = {
         "image": image,
         "name": farm.container_name(host.name),
         "hostname": host.name,
         "detach": True,
-        "cap_add": ["SYS_ADMIN"],
+        # dnsmasq answers DHCP on the school LAN: it sets ARP entries, which needs NET_ADMIN
+        "cap_add": ["SYS_ADMIN", *(["NET_ADMIN"] if lan else [])],
         "cgroupns": "host",
         "volumes": {"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
         "tmpfs": {"/run": "", "/run/lock": ""},
@@ -486,6 +490,9 @@ def container_spec(farm: Farm, host: FarmHost, image: str) -> dict[str, Any]:
         publish = farm.lab.publish
         spec["ports"] = {"443/tcp": ("127.0.0.1", publish.https),
                          "80/tcp": ("127.0.0.1", publish.http)}
+    if lan:
+        # connected after create (one network per create call): part of the spec all the same
+        spec["school_lan"] = {"network": lan.network, "address": lan.server}
     spec["labels"] = {
         "entfarm.farm": farm.name,
         "entfarm.host": host.name,
@@ -496,6 +503,161 @@ def container_spec(farm: Farm, host: FarmHost, image: str) -> dict[str, Any]:
         ).hexdigest()[:16],
     }
     return spec
+
+
+# -- school LANs and their classroom clients ----------------------------------------------------
+# A school server serves its collège's LAN (DHCP, DNS, proxy, files): in the lab each LAN is a
+# Docker network of its own (no route out: see _ensure_lan_network), where the school server has
+# its farm.yml address and a "classroom" container plays a pupil's workstation. Docker's IPAM hands
+# out addresses only from a small block at the top of the subnet, outside the school server's
+# DHCP range; the classroom drops its Docker address and asks the school server for a lease.
+
+CLASSROOM_PACKAGES: tuple[str, ...] = ("isc-dhcp-client", "smbclient", "curl", "bind9-host")
+CLASSROOM_REPOSITORY = "entfarm/classroom"
+
+
+@dataclass(frozen=True)
+class SchoolLanSpec:
+    network: str  # Docker network name
+    subnet: str
+    gateway: str  # the Docker bridge's own address (the controller side), last host of subnet
+    ip_range: str  # where Docker's IPAM may hand addresses
+    server: str  # the school server's address on it
+    classroom: str  # host name of the classroom client
+
+
+def school_lan(farm: Farm, host: FarmHost) -> SchoolLanSpec | None:
+    """The lab LAN of a school server, None for central hosts and schools without a LAN."""
+    etab = next((e for e in farm.spec.etablissements if e.uai == host.etablissement), None)
+    if etab is None or etab.lan is None:
+        return None
+    net = etab.lan.network()
+    top = ipaddress.IPv4Network(f"{net[-1]}/{max(net.prefixlen, 28)}", strict=False)
+    return SchoolLanSpec(
+        network=f"{farm.lab.network}-{host.name}", subnet=str(net), gateway=str(net[-2]),
+        ip_range=str(top), server=etab.lan.server_address(),
+        classroom=f"classroom-{host.name.removeprefix('se-')}")
+
+
+def school_lans(farm: Farm) -> list[SchoolLanSpec]:
+    return [lan for host in farm.hosts() if (lan := school_lan(farm, host))]
+
+
+def classroom_image_tag(base: str) -> str:
+    digest = hashlib.sha256(json.dumps([base, sorted(CLASSROOM_PACKAGES)]).encode()).hexdigest()
+    return f"{CLASSROOM_REPOSITORY}:{digest[:12]}"
+
+
+def ensure_classroom_image(client: Any, farm: Farm, base: str,
+                           progress: Progress | None = None) -> str:
+    """The base image with the classroom's tools (DHCP client, smbclient, curl, host), built
+    once on the farm network, where the Debian mirror is reachable, and committed."""
+    tag = classroom_image_tag(base)
+    try:
+        client.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    _say(progress, f"classroom image: installing {', '.join(CLASSROOM_PACKAGES)}")
+    builder = client.containers.run(
+        base, ["sleep", "infinity"], name=f"entfarm-{farm.name}-classroom-build", detach=True,
+        network=farm.lab.network, labels={"entfarm.farm": farm.name}, remove=False)
+    try:
+        command = ("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+                   "--no-install-recommends " + " ".join(CLASSROOM_PACKAGES)
+                   + " && apt-get clean")
+        result = builder.exec_run(["sh", "-c", command])
+        if result.exit_code != 0:
+            tail = result.output.decode(errors="replace").strip().splitlines()[-3:]
+            raise LabError(f"classroom image: apt-get failed: {' | '.join(tail)}")
+        repository, version = tag.split(":", 1)
+        builder.commit(repository=repository, tag=version,
+                       changes=['CMD ["sleep", "infinity"]'])
+    finally:
+        builder.remove(force=True)
+    _say(progress, f"classroom image: built {tag}")
+    return tag
+
+
+def _ensure_lan_network(client: Any, farm: Farm, lan: SchoolLanSpec,
+                        progress: Progress | None) -> None:
+    found = [n for n in client.networks.list(names=[lan.network]) if n.name == lan.network]
+    if found:
+        labels = found[0].attrs.get("Labels") or {}
+        if labels.get("entfarm.farm") != farm.name:
+            raise LabError(f"Docker network {lan.network!r} exists but does not belong to farm "
+                           f"{farm.name!r}: remove it")
+        config = (found[0].attrs.get("IPAM") or {}).get("Config") or [{}]
+        if config[0].get("Subnet") == lan.subnet and not found[0].attrs.get("Internal"):
+            return
+        found[0].reload()  # a listed network does not name its containers
+        for container in found[0].containers:
+            found[0].disconnect(container, force=True)
+        found[0].remove()
+    pool = docker.types.IPAMPool(subnet=lan.subnet, gateway=lan.gateway, iprange=lan.ip_range)
+    # Not internal: Docker drops the DHCP broadcasts (to 255.255.255.255, outside the subnet)
+    # of an internal network. No address of the LAN has a route out all the same: the leases
+    # announce no router, and the classroom drops the one Docker gave it.
+    client.networks.create(lan.network, driver="bridge", internal=False,
+                           ipam=docker.types.IPAMConfig(pool_configs=[pool]),
+                           labels={"entfarm.farm": farm.name, "entfarm.lan": lan.subnet})
+    _say(progress, f"network {lan.network}: created ({lan.subnet})")
+
+
+def _connect_lan(container: Any, client: Any, lan: SchoolLanSpec) -> None:
+    container.reload()
+    if lan.network in (container.attrs.get("NetworkSettings", {}).get("Networks") or {}):
+        return
+    client.networks.get(lan.network).connect(container, ipv4_address=lan.server)
+
+
+def classroom_spec(farm: Farm, lan: SchoolLanSpec, image: str) -> dict[str, Any]:
+    """A workstation of the school LAN: no systemd, only tools; NET_ADMIN for its DHCP client."""
+    spec: dict[str, Any] = {
+        "image": image,
+        "name": farm.container_name(lan.classroom),
+        "hostname": lan.classroom,
+        "detach": True,
+        "command": ["sleep", "infinity"],
+        "cap_add": ["NET_ADMIN"],
+        "restart_policy": {"Name": "unless-stopped"},
+        "network": lan.network,
+    }
+    spec["labels"] = {
+        "entfarm.farm": farm.name, "entfarm.host": lan.classroom, "entfarm.image": image,
+        "entfarm.spec": hashlib.sha256(
+            json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16],
+    }
+    return spec
+
+
+def _ensure_classrooms(client: Any, farm: Farm, base: str,
+                       progress: Progress | None) -> list[HostState]:
+    lans = school_lans(farm)
+    if not lans:
+        return []
+    image = ensure_classroom_image(client, farm, base, progress)
+    states = []
+    for lan in lans:
+        spec = classroom_spec(farm, lan, image)
+        container = _container(client, spec["name"])
+        action = "unchanged"
+        if container is not None and container.labels.get("entfarm.spec") != \
+                spec["labels"]["entfarm.spec"]:
+            container.remove(force=True)
+            container, action = None, "recreated"
+        if container is None:
+            container = _create(client, spec, lan.classroom, farm)
+            action = "created" if action == "unchanged" else action
+        container.reload()
+        if lan.network not in (container.attrs.get("NetworkSettings", {}).get("Networks") or {}):
+            client.networks.get(lan.network).connect(container)  # its LAN was recreated
+        if container.status != "running":
+            _start(container, lan.classroom, farm)
+            action = "started" if action == "unchanged" else action
+        _say(progress, f"{lan.classroom}: {action} (classroom of {lan.network})")
+        states.append(HostState(lan.classroom, spec["name"], "running", action))
+    return states
 
 
 def _farm_containers(client: Any, farm: Farm) -> list[Any]:
@@ -566,8 +728,10 @@ def up(farm: Farm, progress: Progress | None = None) -> list[HostState]:
     client = docker_client()
     image = ensure_base_image(client, progress)
     _ensure_network(client, farm, progress)
+    for lan in school_lans(farm):
+        _ensure_lan_network(client, farm, lan, progress)
     hosts = farm.hosts()
-    wanted = {h.name for h in hosts}
+    wanted = {h.name for h in hosts} | {lan.classroom for lan in school_lans(farm)}
     states: list[HostState] = []
     for container in _farm_containers(client, farm):
         host = container.labels.get("entfarm.host", container.name)
@@ -601,7 +765,11 @@ def up(farm: Farm, progress: Progress | None = None) -> list[HostState]:
         else:
             action = "started"
         if action in ("created", "recreated"):
-            container = _create(client, spec, host.name, farm)
+            container = _create(client, {k: v for k, v in spec.items() if k != "school_lan"},
+                                host.name, farm)
+        school = school_lan(farm, host)
+        if school is not None:
+            _connect_lan(container, client, school)
         if action != "unchanged":
             _start(container, host.name, farm)
         booting.append((host, container))
@@ -613,15 +781,17 @@ def up(farm: Farm, progress: Progress | None = None) -> list[HostState]:
         if results[host.name][1] != "unchanged":
             _say(progress, f"{host.name}: systemd {state} ({index} of {total})")
     states += [_state(farm, h.name, *results[h.name]) for h in hosts]
+    states += _ensure_classrooms(client, farm, image, progress)
     _remove_stale_networks(client, farm, progress)
     return states
 
 
 def _remove_stale_networks(client: Any, farm: Farm, progress: Progress | None) -> None:
     """Networks of this farm under a former lab.network name, once nothing uses them."""
+    keep = {farm.lab.network, *(lan.network for lan in school_lans(farm))}
     for network in client.networks.list(filters={"label": f"entfarm.farm={farm.name}"}):
         network.reload()
-        if network.name != farm.lab.network and not network.containers:
+        if network.name not in keep and not network.containers:
             network.remove()
             _say(progress, f"network {network.name}: removed (lab.network is now "
                            f"{farm.lab.network})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import ipaddress
 import json
 import re
 import types
@@ -128,6 +129,11 @@ class FarmSection(_Strict):
         default=3, ge=1, le=12,
         description="Months a departed person's account is kept deactivated before purge.",
     )
+    proxy_log_retention_days: int = Field(
+        default=365, ge=1, le=366,
+        description="Days the school servers' filtering proxies keep their access logs "
+        "(one year at most: the logs identify pupils).",
+    )
 
 
 class Academie(_Strict):
@@ -233,6 +239,84 @@ class Wave(_Strict):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _ipv4_network(value: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: expected an IPv4 network written address/prefix with no "
+                         f"host bits set, e.g. 10.36.5.0/24 ({exc})") from None
+
+
+def _ipv4_address(value: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(f"{value!r}: expected an IPv4 address such as 10.36.5.1") from None
+
+
+class SchoolLan(_Strict):
+    """The collège's LAN, served by its school server (DHCP, DNS, proxy, file server)."""
+
+    subnet: str = Field(
+        description="The school LAN, a private IPv4 network with a prefix of /16 to /28, "
+        "e.g. 10.36.5.0/24.",
+    )
+    address: str | None = Field(
+        default=None,
+        description="Address of the school server on the LAN; unset: the first host of subnet.",
+    )
+    router: str | None = Field(
+        default=None,
+        description="Gateway the DHCP leases announce; unset: none (clients go out through the "
+        "school server's proxy only).",
+    )
+    dhcp_range: list[str] | None = Field(
+        default=None, min_length=2, max_length=2,
+        description="First and last address DHCP leases; unset: the middle half of subnet.",
+    )
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, value: str) -> str:
+        net = _ipv4_network(value)
+        if not net.is_private:
+            raise ValueError(f"{value!r}: a school LAN is a private network (10.0.0.0/8, "
+                             "172.16.0.0/12 or 192.168.0.0/16)")
+        if not 16 <= net.prefixlen <= 28:
+            raise ValueError(f"{value!r}: expected a prefix from /16 to /28")
+        return value
+
+    @field_validator("address", "router")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            _ipv4_address(value)
+        return value
+
+    @field_validator("dhcp_range")
+    @classmethod
+    def _range(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            first, last = (_ipv4_address(v) for v in value)
+            if first > last:
+                raise ValueError(f"[{value[0]}, {value[1]}]: the first address comes after the "
+                                 "last; write [first, last]")
+        return value
+
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    def server_address(self) -> str:
+        return self.address or str(self.network()[1])
+
+    def leases(self) -> tuple[str, str]:
+        if self.dhcp_range:
+            return self.dhcp_range[0], self.dhcp_range[1]
+        net = self.network()
+        size = net.num_addresses
+        return (str(net.network_address + size // 4), str(net.network_address + 3 * size // 4))
+
+
 class Etablissement(_Strict):
     uai: str = Field(
         description="7 digits then the check letter, e.g. 0290009C.",
@@ -248,6 +332,10 @@ class Etablissement(_Strict):
     )
     wave: WaveId = Field(description="Id of a wave declared under waves.")
     school_server: bool = Field(default=False, description="Gets a host named se-<uai>.")
+    lan: SchoolLan | None = Field(
+        default=None,
+        description="The school LAN its school server serves; required with school_server: true.",
+    )
 
     @field_validator("uai")
     @classmethod
@@ -770,6 +858,46 @@ def _uai_prefix(code: str) -> str:
     return {"02A": "620", "02B": "720"}.get(code, code)
 
 
+def _lan_problems(src: Located, i: int, etab: dict[str, Any],
+                  lans: dict[ipaddress.IPv4Network, int]) -> list[Problem]:
+    """A school server's LAN: declared, its addresses inside it, no overlap with another's."""
+    here: YamlPath = ("etablissements", i)
+    lan = etab.get("lan")
+    if etab.get("school_server") is True and lan is None:
+        return [src.problem((*here, "school_server"),
+                            "true: a school server needs its LAN; add lan: {subnet: "
+                            "10.x.y.0/24} (the network its DHCP, DNS and proxy serve)")]
+    if not isinstance(lan, dict):
+        return []
+    try:
+        spec = SchoolLan.model_validate(lan)
+    except ValidationError:
+        return []  # reported by the structure pass
+    net = spec.network()
+    problems = []
+    for key, value in (("address", spec.address), ("router", spec.router),
+                       *((("dhcp_range", n), v) for n, v in enumerate(spec.dhcp_range or []))):
+        if value is None:
+            continue
+        address = ipaddress.IPv4Address(value)
+        if address not in net or address in (net.network_address, net.broadcast_address):
+            loc = (*here, "lan", *(key if isinstance(key, tuple) else (key,)))
+            problems.append(src.problem(loc, f"{value}: not a host address of the LAN "
+                                        f"{spec.subnet}; expected one of {net[1]} to {net[-2]}"))
+    first, last = (ipaddress.IPv4Address(a) for a in spec.leases())
+    if first <= ipaddress.IPv4Address(spec.server_address()) <= last:
+        problems.append(src.problem((*here, "lan"), f"the school server's address "
+                                    f"{spec.server_address()} is inside its DHCP range "
+                                    f"{first}-{last}; move one of them"))
+    for other, j in lans.items():
+        if net.overlaps(other):
+            problems.append(src.problem((*here, "lan", "subnet"), f"{spec.subnet} overlaps "
+                                        f"{other}, the LAN of etablissements[{j}]; each school "
+                                        "LAN is a network of its own"))
+    lans[net] = i
+    return problems
+
+
 def _reference_problems(src: Located, data: dict[str, Any]) -> list[Problem]:
     """Cross-reference checks; each looks only at values that are well formed."""
     problems: list[Problem] = []
@@ -811,6 +939,7 @@ def _reference_problems(src: Located, data: dict[str, Any]) -> list[Problem]:
 
     seen_uai: dict[str, int] = {}
     school_hosts: dict[str, int] = {}
+    lans: dict[ipaddress.IPv4Network, int] = {}
     for i, etab in items("etablissements"):
         uai = etab.get("uai")
         valid_uai = isinstance(uai, str) and uai_problem(uai) is None
@@ -834,6 +963,7 @@ def _reference_problems(src: Located, data: dict[str, Any]) -> list[Problem]:
                     f"{dep!r} does not match UAI {uai}, whose first three digits give the "
                     f"département ({uai[:3]}); expected departement: \"{uai[:3]}\" "
                     "or check the UAI")
+        problems += _lan_problems(src, i, etab, lans)
         wave = etab.get("wave")
         if isinstance(wave, str) and re.match(WAVE_ID_RE, wave) and wave_ids is not None:
             if wave not in wave_ids:

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..model import Farm
+from ..ntlm import nt_hash
 from . import bulk as bulk_load
 from . import ldif
 from .export import Export, load, no_gc
@@ -399,6 +400,8 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         code = _code()
         entry["ENTPersonCodeActivation"] = [_ssha(code)]
         entry["userPassword"] = [_ssha(code, "sha1")]
+        # Samba on the school servers checks logins against it (entfarm/ntlm.py)
+        entry["ENTPersonNTHash"] = [nt_hash(code)]
         cs.ldif_parts.append(ldif.add(dn, entry))
         cs.count("people add", uai)
         classes = [v.split("$", 1)[1] for v in entry.get("ENTEleveClasses", [])]

@@ -33,7 +33,7 @@ PERSON_ATTRIBUTES = (
 )
 # Bumped whenever person_entry() changes what it builds from the same inputs: every stored
 # digest then differs, and the next import compares (and rewrites) every person once.
-MAPPING_VERSION = "1"
+MAPPING_VERSION = "2"  # 2: class ENTPersonSamba (the NT hash of school servers)
 # What an import reads of each person when digests are trusted: enough to allocate logins,
 # guard deactivations, deactivate and purge, and to know whether the entry is up to date.
 PERSON_STATE_ATTRIBUTES = (
@@ -227,7 +227,7 @@ def person_entry(d: Desired, p: Provisioned, logins: dict[str, str],
     given = (a.get("givenName") or [""])[0]
     sn = (a.get("sn") or a.get("ENTPersonNomPatro") or ["?"])[0]
     login = logins[p.jointure]
-    classes = ["inetOrgPerson", "ENTPerson", "ENTPersonImport"]
+    classes = ["inetOrgPerson", "ENTPerson", "ENTPersonImport", "ENTPersonSamba"]
     if "National_ELV" in p.profiles:
         classes.append("ENTEleve")
     if "National_TUT" in p.profiles:

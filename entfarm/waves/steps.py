@@ -166,14 +166,21 @@ def _git_commit() -> str | None:
 def central_preflight(farm: Farm, run_dir: Path) -> list[Evidence]:
     """The central services' verify suites (all hosts but school servers): healthy or stop."""
     from ..model import SCHOOL_SERVER_GROUP
+
+    central = [h.name for h in farm.hosts() if SCHOOL_SERVER_GROUP not in h.services]
+    return [suite_evidence(farm, "central services verified", [], central,
+                           run_dir / "preflight-verify.xml")]
+
+
+def suite_evidence(farm: Farm, gate: str, roles: list[str], hosts: list[str],
+                   report: Path) -> Evidence:
+    """The roles' verify suites on these hosts, as the evidence of a gate."""
     from ..verify import run_verify
 
-    report = run_dir / "preflight-verify.xml"
-    log = run_dir / "preflight-verify.log"
-    central = [h.name for h in farm.hosts() if SCHOOL_SERVER_GROUP not in h.services]
+    log = report.with_suffix(".log")
     # pytest keeps the last --junitxml: the report lands in the wave's run directory, and its
-    # output in a log there (the gate's evidence names both).
-    rc = run_verify(farm, [], hosts=central, extra_args=["-q", f"--junitxml={report}"], log=log)
+    # output in a log beside it (the gate's evidence names both).
+    rc = run_verify(farm, roles, hosts=hosts, extra_args=["-q", f"--junitxml={report}"], log=log)
     counts = _junit_counts(report)
     detail = (f"verify suites: exit {rc}; " + ", ".join(f"{k} {v}" for k, v in counts.items())
               if counts else f"verify suites: exit {rc}")
@@ -184,10 +191,10 @@ def central_preflight(farm: Farm, run_dir: Path) -> list[Evidence]:
     checked = counts.get("tests", 0) - counts.get("skipped", 0)
     ok = rc == 0 and checked > 0
     if rc == 0 and checked <= 0:
-        detail += f"; no check ran on {', '.join(central)}"
-    return [Evidence("central services verified", PASSED if ok else FAILED_GATE, detail,
-                     {"exit": rc, "report": str(report), "log": str(log), "hosts": central,
-                      **counts})]
+        detail += f"; no check ran on {', '.join(hosts)}"
+    return Evidence(gate, PASSED if ok else FAILED_GATE, detail,
+                    {"exit": rc, "report": str(report), "log": str(log), "hosts": hosts,
+                     **counts})
 
 
 def _junit_counts(report: Path) -> dict[str, int]:
@@ -531,12 +538,17 @@ class ServiceTenantStep(Step):
 
 
 class SchoolServerStep(Step):
-    """The établissement's school server se-<uai>: converged, then verified."""
+    """The établissement's school server se-<uai>: the schools play limited to it, then the
+    school_server verify suite on it as the gate. A school link that is down fails this
+    établissement only (its host is unreachable); the wave's threshold decides the rest."""
 
     name = "school_server"
     title = "Serveur d'établissement"
     gate = "school server verified"
-    built = False
+
+    def __init__(self, farm: Farm, progress: Callable[[str], None] = lambda _line: None):
+        self.farm = farm
+        self.progress = progress
 
     def applicable(self, etab: Etablissement) -> bool:
         return etab.school_server
@@ -545,8 +557,35 @@ class SchoolServerStep(Step):
         return "none declared (school_server: false)"
 
     def plan(self, etab: Etablissement) -> str:
-        return f"host {etab.school_server_host}: schools play, then its verify suite " \
-               "(role not built yet)"
+        return f"host {etab.school_server_host}: playbooks/schools.yml, then its verify suite"
+
+    def check(self, etab: Etablissement) -> bool:
+        try:
+            return read_fact(self.farm, etab.school_server_host, "school_server") is not None
+        except TransportError:
+            return False
+
+    def apply(self, etab: Etablissement) -> None:
+        from ..runner import run_playbook
+
+        host = etab.school_server_host
+        self.progress(f"{etab.uai}: converging {host}")
+        result = run_playbook(self.farm, "playbooks/schools.yml", limit=host)
+        if result.exit_code != 0:
+            failures = "; ".join(f"{f['task']}: {f['message']}" for f in result.failures[:3])
+            raise UserError(f"{host}: schools play failed (exit {result.exit_code}, run "
+                            f"directory {result.run_dir}){': ' + failures if failures else ''}")
+
+    def verify(self, etab: Etablissement) -> Evidence:
+        from ..runner import new_run_dir
+
+        host = etab.school_server_host
+        report = new_run_dir(self.farm, f"verify-{host}") / "verify.xml"
+        return suite_evidence(self.farm, self.gate, ["school_server"], [host], report)
+
+    def disable(self, etab: Etablissement) -> str:
+        return (f"{etab.school_server_host} left as it is (read-only replica, shares and "
+                "backups kept); its people are deactivated centrally, which replicates")
 
 
 def default_steps(farm: Farm, export: Path | None, scope: ScopeProvider,
@@ -561,5 +600,5 @@ def default_steps(farm: Farm, export: Path | None, scope: ScopeProvider,
                           "category «{name}» (idnumber {uai}), one cohort per class"),
         ServiceTenantStep(farm, "nextcloud", "Nextcloud",
                           "group folder «{uai} {name}» with its quota"),
-        SchoolServerStep(),
+        SchoolServerStep(farm, progress),
     ]

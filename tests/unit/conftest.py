@@ -52,6 +52,7 @@ def lab_copy(tmp_path: Path) -> FarmCopy:
     directory = tmp_path / "farm"
     directory.mkdir()
     shutil.copy(LAB / "farm.yml", directory / "farm.yml")
+    shutil.copy(LAB / "blocklist.txt", directory / "blocklist.txt")
     return FarmCopy(directory)
 
 

@@ -233,14 +233,15 @@ def test_rebuild_with_the_same_output_is_unchanged(
         fake_etherpad: None) -> None:
     farm = load_farm(lab_copy.dir)
     fake_portal({"a.whl": b"wheel a"})
-    assert [o.action for o in build(farm)] == ["built", "built"]  # every recipe: portal, etherpad
+    # every recipe: portal, etherpad, the school servers' blocklist
+    assert [o.action for o in build(farm)] == ["built", "built", "built"]
     manifest = Store(farm).manifest.read_bytes()
-    assert [o.action for o in build(farm)] == ["unchanged", "unchanged"]
+    assert [o.action for o in build(farm)] == ["unchanged", "unchanged", "unchanged"]
     assert Store(farm).manifest.read_bytes() == manifest
     fake_portal({"a.whl": b"wheel a, next version"})
-    assert [o.action for o in build(farm)] == ["updated", "unchanged"]
+    assert [o.action for o in build(farm)] == ["updated", "unchanged", "unchanged"]
     # no staging left
-    assert store_entries(farm) == [".lock", "etherpad", "manifest.json", "portal"]
+    assert store_entries(farm) == [".lock", "blocklist", "etherpad", "manifest.json", "portal"]
 
 
 def test_build_refuses_an_artifact_named_in_farm_yml(lab_copy: FarmCopy, release: Path) -> None:
@@ -272,7 +273,7 @@ def test_deploy_with_a_tampered_artifact_stops_before_any_host(
     fake_portal({"a.whl": b"wheel a"})
     build(farm)
     fetch(farm)
-    assert required_artifacts(farm) == ["portal", "etherpad"]
+    assert required_artifacts(farm) == ["portal", "etherpad", "blocklist"]
     stored = Store(farm).path("etherpad/etherpad-2.2.7.tar.gz")
     flip_a_byte(stored)
     code, _, err = entfarm(["deploy", "-i", str(lab_copy.dir)], monkeypatch, capsys)
@@ -306,8 +307,9 @@ def test_list_and_verify_commands(lab_copy: FarmCopy, release: Path,
     fake_portal({"a.whl": b"wheel a"})
     assert entfarm(["artifacts", "fetch", *inv], monkeypatch, capsys)[0] == 0
     assert entfarm(["artifacts", "build", "portal", *inv], monkeypatch, capsys)[0] == 0
+    assert entfarm(["artifacts", "build", "blocklist", *inv], monkeypatch, capsys)[0] == 0
     code, out, _ = entfarm(["artifacts", "verify", *inv], monkeypatch, capsys)
-    assert (code, out.strip()) == (0, "ok 2 artifact(s), 2 file(s) verified")
+    assert (code, out.strip()) == (0, "ok 3 artifact(s), 3 file(s) verified")
     flip_a_byte(Store(farm).path("portal/a.whl"))
     code, _, err = entfarm(["artifacts", "verify", *inv], monkeypatch, capsys)
     assert code == 2
@@ -331,6 +333,8 @@ def test_inventory_tells_the_play_what_to_check(lab_copy: FarmCopy, release: Pat
          "fix": f"entfarm artifacts build portal -i {farm.inventory_dir}"},
         {"name": "etherpad", "kind": "fetched", "file": "etherpad/etherpad-2.2.7.tar.gz",
          "sha256": PAYLOAD_SHA, "fix": f"entfarm artifacts fetch etherpad -i {farm.inventory_dir}"},
+        {"name": "blocklist", "kind": "built", "file": None, "sha256": None,
+         "fix": f"entfarm artifacts build blocklist -i {farm.inventory_dir}"},
     ]
 
 

@@ -124,6 +124,23 @@ CASES: dict[str, Case] = {
         "  etherpad:\n    hosts: [apps]", "  etherpad:\n    hosts: [apps]\n    public_name: cloud",
         "services.etherpad.public_name", "'cloud.ent.test'", "each public name serves one",
         "public_name: cloud"),
+    "school lan not private": Case(
+        "subnet: 10.45.40.0/24", "subnet: 100.64.0.0/24", "etablissements[3].lan.subnet",
+        "100.64.0.0/24", "a school LAN is a private network", "subnet: 100.64.0.0/24"),
+    "school lan with host bits": Case(
+        "subnet: 10.45.40.0/24", "subnet: 10.45.40.1/24", "etablissements[3].lan.subnet",
+        "10.45.40.1/24", "no host bits set", "subnet: 10.45.40.1/24"),
+    "school lans overlap": Case(
+        "subnet: 10.45.40.0/24", "subnet: 10.36.0.0/16", "etablissements[3].lan.subnet",
+        "10.36.0.0/16", "the LAN of etablissements[0]", "subnet: 10.36.0.0/16"),
+    "school server address outside its lan": Case(
+        "lan: {subnet: 10.45.40.0/24}", "lan: {subnet: 10.45.40.0/24, address: 10.45.41.1}",
+        "etablissements[3].lan.address", "10.45.41.1", "expected one of 10.45.40.1 to "
+        "10.45.40.254", "address: 10.45.41.1}"),
+    "school server without lan": Case(
+        "    school_server: true\n    lan: {subnet: 10.45.40.0/24}\n",
+        "    school_server: true  # no lan\n", "etablissements[3].school_server", "true",
+        "add lan: {subnet:", "school_server: true  # no lan"),
 }
 
 
