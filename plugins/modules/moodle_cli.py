@@ -1,0 +1,191 @@
+#!/usr/bin/python
+"""moodle_cli: install, upgrade and configure Moodle through its own CLI (admin/cli)."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: moodle_cli
+short_description: Install, upgrade and configure Moodle through admin/cli
+description:
+- C(state=installed) compares the release's version.php with the database's C(version) and runs
+  C(admin/cli/install_database.php) on an empty database, or C(admin/cli/upgrade.php) between
+  C(admin/cli/maintenance.php --enable) and C(--disable) when the release is newer. A downgrade,
+  or an upgrade from older than C(min_upgrade_from), is refused before anything runs. Maintenance
+  mode stays on after a failed upgrade (restore from the backup).
+- C(state=script) runs a PHP script of the role that prints JSON with a C(changed) key; in check
+  mode it gets C(--check) and must not write.
+- "Every command runs as C(user) with the C(environment) given (PGSSLMODE \u2026). Check mode\
+  \ reports what would run."
+options:
+  root:
+    description: Moodle release directory (C(dirroot))
+    type: path
+    required: true
+  config:
+    description: Moodle's config.php
+    type: path
+    required: true
+  php:
+    description: PHP CLI binary
+    type: path
+    default: /usr/bin/php8.2
+  user:
+    description: System user running Moodle
+    type: str
+    required: true
+  environment:
+    description: Environment of the commands
+    type: dict
+    default: {}
+  state:
+    description: What to converge
+    type: str
+    choices:
+    - installed
+    - script
+    default: installed
+  min_upgrade_from:
+    description: Oldest database version this release upgrades
+    type: str
+    default: '0'
+  install_options:
+    description: Options of install_database.php (name without --)
+    type: dict
+    default: {}
+  script:
+    description: PHP script for state=script
+    type: path
+  script_args:
+    description: Its arguments
+    type: list
+    elements: str
+    default: []
+author: entfarm
+"""
+
+EXAMPLES = r"""
+- name: Install or upgrade Moodle
+  moodle_cli:
+    root: /opt/entfarm-moodle/current
+    config: /etc/entfarm-moodle/config.php
+    user: entfarm-moodle
+    install_options: {adminuser: admin, adminpass: "{{ secret }}", fullname: ENT, shortname: ENT}
+  no_log: true
+"""
+
+RETURN = r"""
+action:
+  description: install
+  upgrade or none (installed); the script's JSON (script): null
+  type: raw
+  returned: always
+version:
+  description: The release's version
+  release and branch: null
+  type: dict
+  returned: state=installed
+"""
+
+import json  # noqa: E402
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible.module_utils.entfarm_phpapps import (  # noqa: E402
+    PlanError,
+    moodle_code_version,
+    moodle_plan,
+    parse_json_output,
+)
+
+# Reads the database's version with config.php's credentials and nothing else of Moodle
+# (ABORT_AFTER_CONFIG): prints {"installed": bool, "db_version": str|null}.
+STATUS_PHP = r"""
+define('CLI_SCRIPT', true);
+define('ABORT_AFTER_CONFIG', true);
+require($argv[1]);
+$port = !empty($CFG->dboptions['dbport']) ? $CFG->dboptions['dbport'] : 5432;
+$db = @pg_connect('host=' . $CFG->dbhost . ' port=' . $port . ' dbname=' . $CFG->dbname
+    . ' user=' . $CFG->dbuser . " password='" . addcslashes($CFG->dbpass, "'\\") . "'");
+if (!$db) { fwrite(STDERR, "cannot connect to the database\n"); exit(1); }
+$result = @pg_query_params($db,
+    'SELECT value FROM ' . $CFG->prefix . 'config WHERE name = $1', ['version']);
+$row = $result ? pg_fetch_row($result) : false;
+echo json_encode(['installed' => (bool) $row, 'db_version' => $row ? $row[0] : null]), "\n";
+"""
+
+
+class Moodle:
+    def __init__(self, module: AnsibleModule) -> None:
+        self.module = module
+        self.p = module.params
+
+    def run(self, argv: list[str], what: str) -> str:
+        cmd = ["runuser", "-u", self.p["user"], "--", self.p["php"], *argv]
+        rc, out, err = self.module.run_command(cmd, cwd=self.p["root"],
+                                               environ_update=self.p["environment"])
+        if rc != 0:
+            raise PlanError(f"{what} failed (exit {rc}): {(err or out).strip()[-800:]}")
+        return str(out)
+
+    def cli(self, script: str, *args: str) -> str:
+        return self.run([f"{self.p['root']}/admin/cli/{script}", *args], script)
+
+    def installed(self) -> dict[str, object]:
+        with open(f"{self.p['root']}/version.php", encoding="utf-8") as f:
+            code = moodle_code_version(f.read())
+        status = parse_json_output(self.run(["-r", STATUS_PHP, "--", self.p["config"]],
+                                            "reading the database's version"), "status")
+        assert isinstance(status, dict)
+        action = moodle_plan(bool(status["installed"]), status.get("db_version"),
+                             str(code["version"]), self.p["min_upgrade_from"])
+        result: dict[str, object] = {"action": action, "version": code,
+                                     "db_version": status.get("db_version"),
+                                     "changed": action != "none"}
+        if self.module.check_mode or action == "none":
+            return result
+        if action == "install":
+            options = [f"--{k}={v}" for k, v in sorted(self.p["install_options"].items())]
+            self.cli("install_database.php", "--agree-license", *options)
+        else:
+            self.cli("maintenance.php", "--enable")
+            # A failed upgrade leaves maintenance on: the site stays closed until restored.
+            self.cli("upgrade.php", "--non-interactive")
+            self.cli("maintenance.php", "--disable")
+        return result
+
+    def script(self) -> dict[str, object]:
+        args = [*self.p["script_args"], *(["--check"] if self.module.check_mode else [])]
+        out = parse_json_output(self.run([self.p["script"], *args], self.p["script"]),
+                                self.p["script"])
+        assert isinstance(out, dict)
+        return {"action": out, "changed": bool(out.get("changed"))}
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "root": {"type": "path", "required": True},
+            "config": {"type": "path", "required": True},
+            "php": {"type": "path", "default": "/usr/bin/php8.2"},
+            "user": {"type": "str", "required": True},
+            "environment": {"type": "dict", "default": {}},
+            "state": {"type": "str", "default": "installed",
+                      "choices": ["installed", "script"]},
+            "min_upgrade_from": {"type": "str", "default": "0"},
+            "install_options": {"type": "dict", "default": {}, "no_log": True},
+            "script": {"type": "path"},
+            "script_args": {"type": "list", "elements": "str", "default": []},
+        },
+        required_if=[("state", "script", ["script"])],
+        supports_check_mode=True,
+    )
+    moodle = Moodle(module)
+    try:
+        result = getattr(moodle, module.params["state"])()
+    except (PlanError, OSError) as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(**json.loads(json.dumps(result)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+#!/usr/bin/python
+"""nextcloud_occ: install, upgrade and configure Nextcloud through occ."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: nextcloud_occ
+short_description: Install, upgrade and configure Nextcloud through occ
+description:
+- C(state=installed) compares the release's version.php with the installed version (config.php)
+  and runs C(occ maintenance:install) on a new instance, or C(occ upgrade) between
+  C(occ maintenance:mode --on) and C(--off) when the release is newer by at most one
+  major. Skipping a major, or a downgrade, is refused before anything runs. Maintenance
+  mode stays on after a failed upgrade (restore from the backup).
+- C(state=apps) enables the apps named in C(apps) (C(occ app:list --output=json) first).
+- C(state=app_config) writes the app settings of C(settings) and C(secret_settings) that differ
+  from C(occ config:list --private --output=json).
+- C(state=groupfolders) creates the group folders of C(groupfolders), sets their quota and gives
+  their groups every permission; it never removes one.
+- "Commands run as C(user) (the owner of config.php) with C(environment) (NEXTCLOUD_CONFIG_DIR\
+  \ \u2026). Check mode reports what would run."
+options:
+  root:
+    description: Nextcloud release directory
+    type: path
+    required: true
+  config_dir:
+    description: Nextcloud's configuration directory
+    type: path
+    required: true
+  php:
+    description: PHP CLI binary
+    type: path
+    default: /usr/bin/php8.2
+  user:
+    description: System user running Nextcloud
+    type: str
+    required: true
+  environment:
+    description: Environment of the commands
+    type: dict
+    default: {}
+  state:
+    description: What to converge
+    type: str
+    choices:
+    - installed
+    - apps
+    - app_config
+    - groupfolders
+    default: installed
+  install_options:
+    description: Options of maintenance:install (name without --)
+    type: dict
+    default: {}
+  apps:
+    description: Apps to enable
+    type: list
+    elements: str
+    default: []
+  app:
+    description: App whose settings state=app_config writes
+    type: str
+  settings:
+    description: Settings for state=app_config
+    type: dict
+    default: {}
+  secret_settings:
+    description: Secret settings for state=app_config
+    type: dict
+    default: {}
+  groupfolders:
+    description: 'Folders: mount_point, quota (bytes), groups'
+    type: list
+    elements: dict
+    default: []
+author: entfarm
+"""
+
+EXAMPLES = r"""
+- name: Install or upgrade Nextcloud
+  nextcloud_occ:
+    root: /opt/entfarm-nextcloud/current
+    config_dir: /var/lib/entfarm-nextcloud/config
+    user: entfarm-nextcloud
+    install_options: {database: pgsql, admin-user: admin, admin-pass: "{{ secret }}"}
+  no_log: true
+"""
+
+RETURN = r"""
+action:
+  description: What was (or would be) done
+  type: raw
+  returned: always
+"""
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible.module_utils.entfarm_phpapps import (  # noqa: E402
+    PlanError,
+    groupfolders_delta,
+    nextcloud_code_version,
+    nextcloud_plan,
+    parse_json_output,
+    settings_delta,
+)
+
+# Nextcloud's own view of its state: config.php's installed flag and version.
+STATUS_PHP = r"""
+$CONFIG = [];
+if (is_file($argv[1])) { include $argv[1]; }
+echo json_encode(['installed' => !empty($CONFIG['installed']),
+                  'version' => isset($CONFIG['version']) ? $CONFIG['version'] : null]), "\n";
+"""
+
+
+class Nextcloud:
+    def __init__(self, module: AnsibleModule) -> None:
+        self.module = module
+        self.p = module.params
+
+    def php(self, argv: list[str], what: str) -> str:
+        cmd = ["runuser", "-u", self.p["user"], "--", self.p["php"], *argv]
+        env = dict(self.p["environment"], NEXTCLOUD_CONFIG_DIR=self.p["config_dir"])
+        rc, out, err = self.module.run_command(cmd, cwd=self.p["root"], environ_update=env)
+        if rc != 0:
+            raise PlanError(f"{what} failed (exit {rc}): {(err or out).strip()[-800:]}")
+        return str(out)
+
+    def occ(self, *args: str) -> str:
+        return self.php([f"{self.p['root']}/occ", "--no-interaction", *args], f"occ {args[0]}")
+
+    def installed(self) -> dict[str, object]:
+        with open(f"{self.p['root']}/version.php", encoding="utf-8") as f:
+            code = nextcloud_code_version(f.read())
+        status = parse_json_output(
+            self.php(["-r", STATUS_PHP, "--", os.path.join(self.p["config_dir"], "config.php")],
+                     "reading config.php"), "config.php")
+        assert isinstance(status, dict)
+        action = nextcloud_plan(bool(status["installed"]), status.get("version"), code)
+        result: dict[str, object] = {"action": action, "version": code,
+                                     "installed_version": status.get("version"),
+                                     "changed": action != "none"}
+        if self.module.check_mode or action == "none":
+            return result
+        if action == "install":
+            self.occ("maintenance:install",
+                     *[f"--{k}={v}" for k, v in sorted(self.p["install_options"].items())])
+        else:
+            self.occ("maintenance:mode", "--on")
+            # A failed upgrade leaves maintenance on: the instance stays closed until restored.
+            self.occ("upgrade")
+            self.occ("maintenance:mode", "--off")
+        return result
+
+    def apps(self) -> dict[str, object]:
+        listed = parse_json_output(self.occ("app:list", "--output=json"), "occ app:list")
+        enabled = listed.get("enabled", {}) if isinstance(listed, dict) else {}
+        missing = [a for a in self.p["apps"] if a not in enabled]
+        if missing and not self.module.check_mode:
+            self.occ("app:enable", *missing)
+        return {"action": missing, "changed": bool(missing)}
+
+    def app_config(self) -> dict[str, object]:
+        app = self.p["app"]
+        listed = parse_json_output(self.occ("config:list", app, "--private", "--output=json"),
+                                   "occ config:list")
+        current = ((listed.get("apps") or {}).get(app) or {}) if isinstance(listed, dict) else {}
+        delta = settings_delta(current, {**self.p["settings"], **self.p["secret_settings"]})
+        if not self.module.check_mode:
+            for key, value in sorted(delta.items()):
+                self.occ("config:app:set", app, key, f"--value={value}")
+        return {"action": sorted(delta), "changed": bool(delta)}
+
+    def groupfolders(self) -> dict[str, object]:
+        listed = parse_json_output(self.occ("groupfolders:list", "--output=json"),
+                                   "occ groupfolders:list")
+        commands = groupfolders_delta(listed, self.p["groupfolders"])
+        if not self.module.check_mode:
+            created: dict[str, str] = {}
+            for command in commands:
+                args = [created.get(a, a) for a in command]
+                out = self.occ(*args)
+                if command[0] == "groupfolders:create":
+                    created[f"@{command[1]}"] = out.strip().splitlines()[-1].strip()
+        return {"action": commands, "changed": bool(commands)}
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "root": {"type": "path", "required": True},
+            "config_dir": {"type": "path", "required": True},
+            "php": {"type": "path", "default": "/usr/bin/php8.2"},
+            "user": {"type": "str", "required": True},
+            "environment": {"type": "dict", "default": {}},
+            "state": {"type": "str", "default": "installed",
+                      "choices": ["installed", "apps", "app_config", "groupfolders"]},
+            "install_options": {"type": "dict", "default": {}, "no_log": True},
+            "apps": {"type": "list", "elements": "str", "default": []},
+            "app": {"type": "str"},
+            "settings": {"type": "dict", "default": {}},
+            "secret_settings": {"type": "dict", "default": {}, "no_log": True},
+            "groupfolders": {"type": "list", "elements": "dict", "default": []},
+        },
+        required_if=[("state", "app_config", ["app"])],
+        supports_check_mode=True,
+    )
+    nextcloud = Nextcloud(module)
+    try:
+        result = getattr(nextcloud, module.params["state"])()
+    except (PlanError, OSError) as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(**json.loads(json.dumps(result)))
+
+
+if __name__ == "__main__":
+    main()
