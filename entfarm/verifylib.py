@@ -190,14 +190,11 @@ def redis_from(client: Any, redis: dict[str, Any], password: str,
     return result
 
 
-def php_platform_tests(fact: Any, label: str) -> tuple[Any, ...]:
+def php_platform_tests(fact: Any, label: str) -> dict[str, Any]:
     """The platform checks of a PHP application role (moodle, nextcloud), which hold whether
-    or not its release is installed; for a suite to bind at module level::
+    or not its release is installed, by test name, for a suite to add at module level::
 
-        (test_fact_records_the_state, test_pool_runs_as_the_app_user, test_configuration_tests,
-         test_data_and_config_private, test_site_answers_from_the_farm_network,
-         test_database_reachable_from_the_app_host, test_redis_reachable_from_the_app_host,
-         test_timer_active) = php_platform_tests(fact, "Moodle")
+        globals().update(php_platform_tests(fact, "Moodle"))
     """
 
     def test_fact_records_the_state(host: Any) -> None:
@@ -266,7 +263,8 @@ def php_platform_tests(fact: Any, label: str) -> tuple[Any, ...]:
         timer = host.service(fact(host)["cron_timer"])
         assert timer.is_enabled and timer.is_running
 
-    return (test_fact_records_the_state, test_pool_runs_as_the_app_user,
-            test_configuration_tests, test_data_and_config_private,
-            test_site_answers_from_the_farm_network, test_database_reachable_from_the_app_host,
-            test_redis_reachable_from_the_app_host, test_timer_active)
+    return {test.__name__: test for test in (
+        test_fact_records_the_state, test_pool_runs_as_the_app_user, test_configuration_tests,
+        test_data_and_config_private, test_site_answers_from_the_farm_network,
+        test_database_reachable_from_the_app_host, test_redis_reachable_from_the_app_host,
+        test_timer_active)}

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
 
 __all__ = [
-    "PlanError", "moodle_code_version", "moodle_plan", "nextcloud_code_version",
-    "nextcloud_plan", "parse_json_output", "settings_delta",
+    "COMMON_ARGUMENTS", "PhpCli", "PlanError", "groupfolders_delta", "moodle_code_version",
+    "moodle_plan", "nextcloud_code_version", "nextcloud_plan", "parse_json_output",
+    "run_module", "settings_delta",
 ]
 
 
@@ -160,3 +164,50 @@ def groupfolders_delta(current: object, desired: list[dict[str, object]]) -> lis
                 commands.append(["groupfolders:group", ref, str(group),
                                  "read", "write", "share", "delete"])
     return commands
+
+
+# ---- Running the applications' CLIs ----------------------------------------------------------
+# Options every module of ours for a PHP application takes.
+COMMON_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "root": {"type": "path", "required": True},
+    "php": {"type": "path", "default": "/usr/bin/php8.2"},
+    "user": {"type": "str", "required": True},
+    "environment": {"type": "dict", "default": {}},
+}
+
+
+class PhpCli:
+    """Runs PHP as the application's user in its release; subclasses have one method per
+    ``state``, returning the module's result (``changed`` included)."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.p = module.params
+
+    def environment(self) -> dict[str, str]:
+        return dict(self.p["environment"])
+
+    def php(self, argv: list[str], what: str) -> str:
+        cmd = ["runuser", "-u", self.p["user"], "--", self.p["php"], *argv]
+        rc, out, err = self.module.run_command(cmd, cwd=self.p["root"],
+                                               environ_update=self.environment())
+        if rc != 0:
+            raise PlanError(f"{what} failed (exit {rc}): {(err or out).strip()[-800:]}")
+        return str(out)
+
+    def version_php(self) -> str:
+        with open(f"{self.p['root']}/version.php", encoding="utf-8") as f:
+            return f.read()
+
+
+def run_module(cli: type[PhpCli], arguments: dict[str, dict[str, Any]],
+               **options: Any) -> None:
+    """The module's main: its arguments and ours, then the method named by ``state``; a
+    refused plan or a failed command fails the task with its message."""
+    module = AnsibleModule(argument_spec={**COMMON_ARGUMENTS, **arguments},
+                           supports_check_mode=True, **options)
+    try:
+        result = getattr(cli(module), module.params["state"])()
+    except (PlanError, OSError) as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(**json.loads(json.dumps(result)))

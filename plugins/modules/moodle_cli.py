@@ -87,14 +87,14 @@ version:
   returned: state=installed
 """
 
-import json  # noqa: E402
+from typing import Any  # noqa: E402
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible.module_utils.entfarm_phpapps import (  # noqa: E402
-    PlanError,
+    PhpCli,
     moodle_code_version,
     moodle_plan,
     parse_json_output,
+    run_module,
 )
 
 # Reads the database's version with config.php's credentials and nothing else of Moodle
@@ -114,26 +114,13 @@ echo json_encode(['installed' => (bool) $row, 'db_version' => $row ? $row[0] : n
 """
 
 
-class Moodle:
-    def __init__(self, module: AnsibleModule) -> None:
-        self.module = module
-        self.p = module.params
-
-    def run(self, argv: list[str], what: str) -> str:
-        cmd = ["runuser", "-u", self.p["user"], "--", self.p["php"], *argv]
-        rc, out, err = self.module.run_command(cmd, cwd=self.p["root"],
-                                               environ_update=self.p["environment"])
-        if rc != 0:
-            raise PlanError(f"{what} failed (exit {rc}): {(err or out).strip()[-800:]}")
-        return str(out)
-
+class Moodle(PhpCli):
     def cli(self, script: str, *args: str) -> str:
-        return self.run([f"{self.p['root']}/admin/cli/{script}", *args], script)
+        return self.php([f"{self.p['root']}/admin/cli/{script}", *args], script)
 
     def installed(self) -> dict[str, object]:
-        with open(f"{self.p['root']}/version.php", encoding="utf-8") as f:
-            code = moodle_code_version(f.read())
-        status = parse_json_output(self.run(["-r", STATUS_PHP, "--", self.p["config"]],
+        code = moodle_code_version(self.version_php())
+        status = parse_json_output(self.php(["-r", STATUS_PHP, "--", self.p["config"]],
                                             "reading the database's version"), "status")
         assert isinstance(status, dict)
         action = moodle_plan(bool(status["installed"]), status.get("db_version"),
@@ -155,36 +142,24 @@ class Moodle:
 
     def script(self) -> dict[str, object]:
         args = [*self.p["script_args"], *(["--check"] if self.module.check_mode else [])]
-        out = parse_json_output(self.run([self.p["script"], *args], self.p["script"]),
+        out = parse_json_output(self.php([self.p["script"], *args], self.p["script"]),
                                 self.p["script"])
         assert isinstance(out, dict)
         return {"action": out, "changed": bool(out.get("changed"))}
 
 
+ARGUMENTS: dict[str, dict[str, Any]] = {
+    "config": {"type": "path", "required": True},
+    "state": {"type": "str", "default": "installed", "choices": ["installed", "script"]},
+    "min_upgrade_from": {"type": "str", "default": "0"},
+    "install_options": {"type": "dict", "default": {}, "no_log": True},
+    "script": {"type": "path"},
+    "script_args": {"type": "list", "elements": "str", "default": []},
+}
+
+
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec={
-            "root": {"type": "path", "required": True},
-            "config": {"type": "path", "required": True},
-            "php": {"type": "path", "default": "/usr/bin/php8.2"},
-            "user": {"type": "str", "required": True},
-            "environment": {"type": "dict", "default": {}},
-            "state": {"type": "str", "default": "installed",
-                      "choices": ["installed", "script"]},
-            "min_upgrade_from": {"type": "str", "default": "0"},
-            "install_options": {"type": "dict", "default": {}, "no_log": True},
-            "script": {"type": "path"},
-            "script_args": {"type": "list", "elements": "str", "default": []},
-        },
-        required_if=[("state", "script", ["script"])],
-        supports_check_mode=True,
-    )
-    moodle = Moodle(module)
-    try:
-        result = getattr(moodle, module.params["state"])()
-    except (PlanError, OSError) as exc:
-        module.fail_json(msg=str(exc))
-    module.exit_json(**json.loads(json.dumps(result)))
+    run_module(Moodle, ARGUMENTS, required_if=[("state", "script", ["script"])])
 
 
 if __name__ == "__main__":

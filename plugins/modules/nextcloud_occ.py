@@ -95,16 +95,16 @@ action:
   returned: always
 """
 
-import json  # noqa: E402
 import os  # noqa: E402
+from typing import Any  # noqa: E402
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible.module_utils.entfarm_phpapps import (  # noqa: E402
-    PlanError,
+    PhpCli,
     groupfolders_delta,
     nextcloud_code_version,
     nextcloud_plan,
     parse_json_output,
+    run_module,
     settings_delta,
 )
 
@@ -117,25 +117,15 @@ echo json_encode(['installed' => !empty($CONFIG['installed']),
 """
 
 
-class Nextcloud:
-    def __init__(self, module: AnsibleModule) -> None:
-        self.module = module
-        self.p = module.params
-
-    def php(self, argv: list[str], what: str) -> str:
-        cmd = ["runuser", "-u", self.p["user"], "--", self.p["php"], *argv]
-        env = dict(self.p["environment"], NEXTCLOUD_CONFIG_DIR=self.p["config_dir"])
-        rc, out, err = self.module.run_command(cmd, cwd=self.p["root"], environ_update=env)
-        if rc != 0:
-            raise PlanError(f"{what} failed (exit {rc}): {(err or out).strip()[-800:]}")
-        return str(out)
+class Nextcloud(PhpCli):
+    def environment(self) -> dict[str, str]:
+        return dict(self.p["environment"], NEXTCLOUD_CONFIG_DIR=self.p["config_dir"])
 
     def occ(self, *args: str) -> str:
         return self.php([f"{self.p['root']}/occ", "--no-interaction", *args], f"occ {args[0]}")
 
     def installed(self) -> dict[str, object]:
-        with open(f"{self.p['root']}/version.php", encoding="utf-8") as f:
-            code = nextcloud_code_version(f.read())
+        code = nextcloud_code_version(self.version_php())
         status = parse_json_output(
             self.php(["-r", STATUS_PHP, "--", os.path.join(self.p["config_dir"], "config.php")],
                      "reading config.php"), "config.php")
@@ -189,32 +179,21 @@ class Nextcloud:
         return {"action": commands, "changed": bool(commands)}
 
 
+ARGUMENTS: dict[str, dict[str, Any]] = {
+    "config_dir": {"type": "path", "required": True},
+    "state": {"type": "str", "default": "installed",
+              "choices": ["installed", "apps", "app_config", "groupfolders"]},
+    "install_options": {"type": "dict", "default": {}, "no_log": True},
+    "apps": {"type": "list", "elements": "str", "default": []},
+    "app": {"type": "str"},
+    "settings": {"type": "dict", "default": {}},
+    "secret_settings": {"type": "dict", "default": {}, "no_log": True},
+    "groupfolders": {"type": "list", "elements": "dict", "default": []},
+}
+
+
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec={
-            "root": {"type": "path", "required": True},
-            "config_dir": {"type": "path", "required": True},
-            "php": {"type": "path", "default": "/usr/bin/php8.2"},
-            "user": {"type": "str", "required": True},
-            "environment": {"type": "dict", "default": {}},
-            "state": {"type": "str", "default": "installed",
-                      "choices": ["installed", "apps", "app_config", "groupfolders"]},
-            "install_options": {"type": "dict", "default": {}, "no_log": True},
-            "apps": {"type": "list", "elements": "str", "default": []},
-            "app": {"type": "str"},
-            "settings": {"type": "dict", "default": {}},
-            "secret_settings": {"type": "dict", "default": {}, "no_log": True},
-            "groupfolders": {"type": "list", "elements": "dict", "default": []},
-        },
-        required_if=[("state", "app_config", ["app"])],
-        supports_check_mode=True,
-    )
-    nextcloud = Nextcloud(module)
-    try:
-        result = getattr(nextcloud, module.params["state"])()
-    except (PlanError, OSError) as exc:
-        module.fail_json(msg=str(exc))
-    module.exit_json(**json.loads(json.dumps(result)))
+    run_module(Nextcloud, ARGUMENTS, required_if=[("state", "app_config", ["app"])])
 
 
 if __name__ == "__main__":

@@ -183,15 +183,84 @@ def test_rendered_php_parses_and_round_trips() -> None:
     assert json.loads(out.stdout) == settings
 
 
-# -- the modules' documentation is valid YAML with the options the code accepts ---------------
+# -- the modules themselves, with a fake AnsibleModule (no PHP, no Ansible run) ------------------
+
+# The modules import our shared code as Ansible ships it to hosts.
+sys.modules["ansible.module_utils.entfarm_phpapps"] = apps
+MODULES = {name: _load(name, ROOT / "plugins/modules" / f"{name}.py")
+           for name in ("moodle_cli", "nextcloud_occ")}
+
+
+class FakeModule:
+    """What the modules use of AnsibleModule; run_command answers from ``answers`` (by the
+    first words after php) and records every command."""
+
+    def __init__(self, params: dict[str, Any], answers: dict[str, str],
+                 check_mode: bool = False) -> None:
+        self.params = params
+        self.check_mode = check_mode
+        self.answers = answers
+        self.commands: list[list[str]] = []
+
+    def run_command(self, cmd: list[str], **_: Any) -> tuple[int, str, str]:
+        self.commands.append(cmd)
+        words = cmd[cmd.index("--") + 2:]
+        for prefix, answer in self.answers.items():
+            if " ".join(words).startswith(prefix) or (prefix == "-r" and words[0] == "-r"):
+                return 0, answer, ""
+        return 0, "", ""
+
+
+def _nextcloud(tmp_path: Path, installed_version: str | None, check_mode: bool = False,
+               ) -> FakeModule:
+    (tmp_path / "version.php").write_text(NEXTCLOUD_30)
+    status = json.dumps({"installed": installed_version is not None,
+                         "version": installed_version})
+    params = {"root": str(tmp_path), "config_dir": "/cfg", "php": "/usr/bin/php8.2",
+              "user": "entfarm-nextcloud", "environment": {}, "install_options": {"a": "b"}}
+    return FakeModule(params, {"-r": status}, check_mode)
+
+
+def test_nextcloud_refuses_a_skipped_major_before_running_occ(tmp_path: Path) -> None:
+    module = _nextcloud(tmp_path, "28.0.14.1")
+    with pytest.raises(apps.PlanError, match="skips a major"):
+        MODULES["nextcloud_occ"].Nextcloud(module).installed()
+    assert all("/occ" not in " ".join(c) for c in module.commands), module.commands
+
+
+def test_nextcloud_upgrade_runs_in_maintenance_mode_as_the_user(tmp_path: Path) -> None:
+    module = _nextcloud(tmp_path, "29.0.9.2")
+    result = MODULES["nextcloud_occ"].Nextcloud(module).installed()
+    assert result["action"] == "upgrade" and result["changed"]
+    occ = [c[c.index("--no-interaction") + 1:] for c in module.commands if "--no-interaction" in c]
+    assert occ == [["maintenance:mode", "--on"], ["upgrade"], ["maintenance:mode", "--off"]]
+    assert all(c[:4] == ["runuser", "-u", "entfarm-nextcloud", "--"] for c in module.commands)
+
+
+def test_check_mode_reports_the_install_without_running_it(tmp_path: Path) -> None:
+    module = _nextcloud(tmp_path, None, check_mode=True)
+    result = MODULES["nextcloud_occ"].Nextcloud(module).installed()
+    assert result == {"action": "install", "version": "30.0.6.2", "installed_version": None,
+                      "changed": True}
+    assert len(module.commands) == 1  # reading config.php only
+
+
+def test_moodle_installs_an_empty_database_with_the_cli(tmp_path: Path) -> None:
+    (tmp_path / "version.php").write_text(MOODLE_45)
+    params = {"root": str(tmp_path), "config": "/etc/entfarm-moodle/config.php",
+              "php": "/usr/bin/php8.2", "user": "entfarm-moodle", "environment": {},
+              "min_upgrade_from": "2022112802", "install_options": {"lang": "fr"}}
+    module = FakeModule(params, {"-r": '{"installed": false, "db_version": null}'})
+    result = MODULES["moodle_cli"].Moodle(module).installed()
+    assert result["action"] == "install"
+    assert module.commands[-1][4:] == ["/usr/bin/php8.2",
+                                       f"{tmp_path}/admin/cli/install_database.php",
+                                       "--agree-license", "--lang=fr"]
 
 
 @pytest.mark.parametrize("name", ["moodle_cli", "nextcloud_occ"])
 def test_module_documentation_matches_its_arguments(name: str) -> None:
     source = (ROOT / "plugins/modules" / f"{name}.py").read_text()
-    doc = source.split('DOCUMENTATION = r"""', 1)[1].split('"""', 1)[0]
-    documented = set(yaml.safe_load(doc)["options"])
-    spec = source.split("argument_spec={", 1)[1].split("},\n        required_if", 1)[0]
-    accepted = {line.strip().split('"')[1] for line in spec.splitlines()
-                if line.strip().startswith('"') and '": {' in line}
-    assert documented == accepted
+    documented = set(yaml.safe_load(MODULES[name].DOCUMENTATION)["options"])
+    assert documented == set(apps.COMMON_ARGUMENTS) | set(MODULES[name].ARGUMENTS)
+    assert "no_log" in source  # the install options carry passwords

@@ -28,10 +28,8 @@ from entfarm.verifylib import (
 
 _hosts_only, fact = role_suite("moodle", group="moodle")
 
-(test_fact_records_the_state, test_pool_runs_as_the_app_user, test_configuration_tests,
- test_data_and_config_private, test_site_answers_from_the_farm_network,
- test_database_reachable_from_the_app_host, test_redis_reachable_from_the_app_host,
- test_timer_active) = php_platform_tests(fact, "Moodle")
+# The platform checks (pool, configurations, data, site, database, Redis, timer).
+globals().update(php_platform_tests(fact, "Moodle"))
 
 
 def _php(host: Any, info: dict[str, Any], args: str) -> Any:

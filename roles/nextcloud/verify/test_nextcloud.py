@@ -28,10 +28,8 @@ from entfarm.verifylib import (
 
 _hosts_only, fact = role_suite("nextcloud", group="nextcloud")
 
-(test_fact_records_the_state, test_pool_runs_as_the_app_user, test_configuration_tests,
- test_data_and_config_private, test_site_answers_from_the_farm_network,
- test_database_reachable_from_the_app_host, test_redis_reachable_from_the_app_host,
- test_timer_active) = php_platform_tests(fact, "Nextcloud")
+# The platform checks (pool, configurations, data, site, database, Redis, timer).
+globals().update(php_platform_tests(fact, "Nextcloud"))
 
 # Prints a value of the merged configuration's onlyoffice section, hashed: the secret never
 # leaves the host in clear.
