@@ -15,29 +15,15 @@ description:
   mode stays on after a failed upgrade (restore from the backup).
 - C(state=script) runs a PHP script of the role that prints JSON with a C(changed) key; in check
   mode it gets C(--check) and must not write.
-- "Every command runs as C(user) with the C(environment) given (PGSSLMODE \u2026). Check mode\
-  \ reports what would run."
+- Every command runs as C(user) with the C(environment) given (PGSSLMODE and the others).
+  Check mode reports what would run.
+extends_documentation_fragment:
+- entfarm_phpapp
 options:
-  root:
-    description: Moodle release directory (C(dirroot))
-    type: path
-    required: true
   config:
     description: Moodle's config.php
     type: path
     required: true
-  php:
-    description: PHP CLI binary
-    type: path
-    default: /usr/bin/php8.2
-  user:
-    description: System user running Moodle
-    type: str
-    required: true
-  environment:
-    description: Environment of the commands
-    type: dict
-    default: {}
   state:
     description: What to converge
     type: str

@@ -10,37 +10,23 @@ short_description: Install, upgrade and configure Nextcloud through occ
 description:
 - C(state=installed) compares the release's version.php with the installed version (config.php)
   and runs C(occ maintenance:install) on a new instance, or C(occ upgrade) between
-  C(occ maintenance:mode --on) and C(--off) when the release is newer by at most one
-  major. Skipping a major, or a downgrade, is refused before anything runs. Maintenance
-  mode stays on after a failed upgrade (restore from the backup).
+  C(occ maintenance:mode --on) and C(--off) when the release is newer by at most one major.
+  Skipping a major, or a downgrade, is refused before anything runs. Maintenance mode stays on
+  after a failed upgrade (restore from the backup).
 - C(state=apps) enables the apps named in C(apps) (C(occ app:list --output=json) first).
 - C(state=app_config) writes the app settings of C(settings) and C(secret_settings) that differ
   from C(occ config:list --private --output=json).
 - C(state=groupfolders) creates the group folders of C(groupfolders), sets their quota and gives
   their groups every permission; it never removes one.
-- "Commands run as C(user) (the owner of config.php) with C(environment) (NEXTCLOUD_CONFIG_DIR\
-  \ \u2026). Check mode reports what would run."
+- Commands run as C(user) (the owner of config.php) with C(environment) (NEXTCLOUD_CONFIG_DIR
+  and the others). Check mode reports what would run.
+extends_documentation_fragment:
+- entfarm_phpapp
 options:
-  root:
-    description: Nextcloud release directory
-    type: path
-    required: true
   config_dir:
     description: Nextcloud's configuration directory
     type: path
     required: true
-  php:
-    description: PHP CLI binary
-    type: path
-    default: /usr/bin/php8.2
-  user:
-    description: System user running Nextcloud
-    type: str
-    required: true
-  environment:
-    description: Environment of the commands
-    type: dict
-    default: {}
   state:
     description: What to converge
     type: str

@@ -261,6 +261,10 @@ def test_moodle_installs_an_empty_database_with_the_cli(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["moodle_cli", "nextcloud_occ"])
 def test_module_documentation_matches_its_arguments(name: str) -> None:
     source = (ROOT / "plugins/modules" / f"{name}.py").read_text()
-    documented = set(yaml.safe_load(MODULES[name].DOCUMENTATION)["options"])
-    assert documented == set(apps.COMMON_ARGUMENTS) | set(MODULES[name].ARGUMENTS)
+    doc = yaml.safe_load(MODULES[name].DOCUMENTATION)
+    fragment = _load("entfarm_phpapp_doc", ROOT / "plugins/doc_fragments/entfarm_phpapp.py")
+    assert doc["extends_documentation_fragment"] == ["entfarm_phpapp"]
+    assert set(yaml.safe_load(fragment.ModuleDocFragment.DOCUMENTATION)["options"]) == set(
+        apps.COMMON_ARGUMENTS)
+    assert set(doc["options"]) == set(MODULES[name].ARGUMENTS)
     assert "no_log" in source  # the install options carry passwords
