@@ -62,13 +62,12 @@ EXAMPLES = r"""
 
 RETURN = r"""
 action:
-  description: install
-  upgrade or none (installed); the script's JSON (script): null
+  description: >-
+    install, upgrade or none (state=installed); the script's JSON answer (state=script)
   type: raw
   returned: always
 version:
-  description: The release's version
-  release and branch: null
+  description: The release's version, release and branch
   type: dict
   returned: state=installed
 """
