@@ -1,0 +1,170 @@
+"""roles/directory's access rules on a real slapd: what a service account and a school server's
+replication account may read. The rules are rendered from the role's variables, as the role
+writes them into cn=config."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+import yaml
+from aaf_conftest import ROLE, SLAPD, SlapdProcess
+
+BASE = "dc=ac-test,dc=fr"
+A, B = "0360005K", "0450022E"
+ROOT = f"gidNumber={os.getgid()}+uidNumber={os.getuid()},cn=peercred,cn=external,cn=auth"
+CAS = f"cn=cas,ou=services,{BASE}"
+REPLICA = f"cn=se-{A.lower()},ou=replicas,{BASE}"
+PASSWORD = "secret-of-the-test"
+
+
+def _rules() -> list[str]:
+    variables: dict[str, Any] = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    context = {"directory__base_dn": BASE, "directory__root_external_dn": ROOT,
+               "directory__services_dn": f"ou=services,{BASE}",
+               "directory__replicas_dn": f"ou=replicas,{BASE}"}
+    return [jinja2.Template(rule).render(**context) for rule in variables["directory__access"]]
+
+
+def _ssha(password: str) -> str:
+    salt = os.urandom(4)
+    digest = hashlib.sha1(password.encode() + salt).digest()
+    return "{SSHA}" + base64.b64encode(digest + salt).decode()
+
+
+def _config(root: Path) -> str:
+    schemas = "".join(f"include: file:///etc/ldap/schema/{n}.ldif\n\n"
+                      for n in ("core", "cosine", "nis", "inetorgperson"))
+    variables: dict[str, Any] = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    ours = "".join(f"include: file://{ROLE}/files/schema/{n}.ldif\n\n"
+                   for n in variables["directory__schemas"])
+    access = "\n".join(f"olcAccess: {{{i}}}{rule}" for i, rule in enumerate(_rules()))
+    return f"""dn: cn=config
+objectClass: olcGlobal
+cn: config
+olcPidFile: {root}/slapd.pid
+
+dn: cn=module{{0}},cn=config
+objectClass: olcModuleList
+cn: module{{0}}
+olcModulePath: /usr/lib/ldap
+olcModuleLoad: back_mdb
+
+dn: cn=schema,cn=config
+objectClass: olcSchemaConfig
+cn: schema
+
+{schemas}{ours}
+dn: olcDatabase={{-1}}frontend,cn=config
+objectClass: olcDatabaseConfig
+objectClass: olcFrontendConfig
+olcDatabase: {{-1}}frontend
+olcSizeLimit: unlimited
+
+dn: olcDatabase={{0}}config,cn=config
+objectClass: olcDatabaseConfig
+olcDatabase: {{0}}config
+olcAccess: to * by dn.exact={ROOT} manage by * none
+
+dn: olcDatabase={{1}}mdb,cn=config
+objectClass: olcDatabaseConfig
+objectClass: olcMdbConfig
+olcDatabase: {{1}}mdb
+olcSuffix: {BASE}
+olcDbDirectory: {root}/db
+olcDbNoSync: TRUE
+olcDbIndex: objectClass eq
+{access}
+"""
+
+
+def _entries() -> str:
+    out = [f"dn: {BASE}\nobjectClass: dcObject\nobjectClass: organization\ndc: ac-test\no: t\n"]
+    out += [f"dn: ou={ou},{BASE}\nobjectClass: organizationalUnit\nou: {ou}\n"
+            for ou in ("people", "structures", "groups", "services", "replicas")]
+    out += [f"dn: ENTStructureUAI={u},ou=structures,{BASE}\nobjectClass: organizationalUnit\n"
+            f"objectClass: ENTStructure\nobjectClass: ENTEtablissement\nou: {u}\n"
+            f"ENTStructureUAI: {u}\nENTStructureJointure: j{u}\n" for u in (A, B)]
+    out.append(f"dn: {CAS}\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\n"
+               f"cn: cas\nuserPassword: {_ssha(PASSWORD)}\n")
+    out.append(f"dn: {REPLICA}\nobjectClass: organizationalRole\n"
+               f"objectClass: simpleSecurityObject\ncn: se-{A.lower()}\n"
+               f"userPassword: {_ssha(PASSWORD)}\n"
+               f"seeAlso: ENTStructureUAI={A},ou=structures,{BASE}\n")
+    # a of A, b of B, ab of both (a teacher in two collèges)
+    for uid, uais in (("a", [A]), ("b", [B]), ("ab", [A, B])):
+        out.append(f"dn: uid={uid},ou=people,{BASE}\nobjectClass: inetOrgPerson\n"
+                   f"objectClass: ENTPerson\nobjectClass: ENTPersonSamba\nuid: {uid}\n"
+                   f"cn: {uid}\nsn: {uid}\nENTPersonJointure: AAF${uid}\n"
+                   f"userPassword: {_ssha(PASSWORD)}\nENTPersonNTHash: {'0' * 31}{len(uid)}\n"
+                   + "".join(f"ENTPersonEtablissements: ENTStructureUAI={u},ou=structures,"
+                             f"{BASE}\n" for u in uais))
+    for cn, members in ((f"{A}$6A", ["a", "ab"]), (f"{B}$6B", ["b"])):
+        out.append(f"dn: cn={cn},ou=groups,{BASE}\nobjectClass: groupOfNames\ncn: {cn}\n"
+                   + "".join(f"member: uid={m},ou=people,{BASE}\n" for m in members))
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlapdProcess]:
+    root = tmp_path_factory.mktemp("acl")
+    (root / "conf").mkdir()
+    (root / "db").mkdir()
+    (root / "config.ldif").write_text(_config(root), encoding="utf-8")
+    subprocess.run([str(SLAPD), "-T", "add", "-n0", "-F", str(root / "conf"),
+                    "-l", str(root / "config.ldif")], check=True, capture_output=True)
+    (root / "data.ldif").write_text(_entries(), encoding="utf-8")
+    subprocess.run([str(SLAPD), "-T", "add", "-n1", "-F", str(root / "conf"),
+                    "-l", str(root / "data.ldif")], check=True, capture_output=True)
+    process = SlapdProcess(root)
+    process.start()
+    yield process
+    process.stop()
+    shutil.rmtree(root / "db", ignore_errors=True)
+
+
+def _read(server: SlapdProcess, who: str, *attrs: str) -> dict[str, list[str]]:
+    """DN -> attribute lines the account sees under the base."""
+    done = subprocess.run(["ldapsearch", "-LLL", "-x", "-H", server.uri, "-D", who, "-w",
+                           PASSWORD, "-o", "ldif-wrap=no", "-b", BASE, "(objectClass=*)",
+                           *attrs], capture_output=True, text=True, check=True)
+    out: dict[str, list[str]] = {}
+    for record in done.stdout.strip().split("\n\n"):
+        lines = record.splitlines()
+        if lines and lines[0].startswith("dn: "):
+            out[lines[0][4:]] = lines[1:]
+    return out
+
+
+def _people(seen: dict[str, list[str]]) -> set[str]:
+    return {dn.split(",")[0][4:] for dn in seen if dn.endswith(f",ou=people,{BASE}")}
+
+
+def test_service_account_reads_everyone_but_no_secret(server: SlapdProcess) -> None:
+    seen = _read(server, CAS, "*")
+    assert _people(seen) == {"a", "b", "ab"}
+    assert {dn.split(",")[0] for dn in seen if dn.endswith(f",ou=groups,{BASE}")} == {
+        f"cn={A}$6A", f"cn={B}$6B"}
+    lines = [line for values in seen.values() for line in values]
+    assert not [x for x in lines if x.lower().startswith(("userpassword", "entpersonnthash"))]
+
+
+def test_replication_account_reads_its_etablissement_only(server: SlapdProcess) -> None:
+    seen = _read(server, REPLICA, "uid", "ENTPersonNTHash", "member", "userPassword")
+    assert _people(seen) == {"a", "ab"}  # b belongs to the other collège
+    assert f"cn={A}$6A,ou=groups,{BASE}" in seen
+    assert f"cn={B}$6B,ou=groups,{BASE}" not in seen
+    assert f"ENTStructureUAI={B},ou=structures,{BASE}" not in seen
+    assert CAS not in seen
+    for uid in ("a", "ab"):
+        entry = seen[f"uid={uid},ou=people,{BASE}"]
+        assert any(x.startswith("ENTPersonNTHash: ") for x in entry), entry
+        assert not any(x.startswith("userPassword") for x in entry), entry
