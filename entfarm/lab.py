@@ -851,15 +851,28 @@ def reset(farm: Farm, progress: Progress | None = None) -> list[HostState]:
 
 
 def status(farm: Farm) -> list[HostState]:
-    """Each host of the farm: container state, address on the lab network, published ports."""
+    """Each host of the farm (container state, address on the lab network, published ports),
+    then each classroom client, as :func:`up` lists them."""
     client = docker_client()
-    return [
+    states = [
         _state(farm, host.name, _container(client, farm.container_name(host.name)))
         for host in farm.hosts()
     ]
+    for lan in school_lans(farm):
+        name = farm.container_name(lan.classroom)
+        container = _container(client, name)
+        states.append(HostState(lan.classroom, name,
+                                "absent" if container is None else container.status, ""))
+    return states
+
+
+def lab_names(farm: Farm) -> list[str]:
+    """The names :func:`up` and :func:`status` report: the farm's hosts, then the classrooms."""
+    return [h.name for h in farm.hosts()] + [lan.classroom for lan in school_lans(farm)]
 
 
 __all__: Sequence[str] = (
     "HostState", "LabError", "Mirror", "Progress", "container_spec", "docker_client", "down",
-    "ensure_base_image", "find_mirror", "image_tag", "recipe_hash", "reset", "status", "up",
+    "ensure_base_image", "find_mirror", "image_tag", "lab_names", "recipe_hash", "reset",
+    "status", "up",
 )
