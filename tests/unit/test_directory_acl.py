@@ -10,13 +10,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jinja2
 import pytest
 import yaml
-from aaf_conftest import ROLE, SLAPD, SlapdProcess
+from aaf_conftest import ROLE, SlapdProcess, init_slapd
 
 BASE = "dc=ac-test,dc=fr"
 A, B = "0360005K", "0450022E"
@@ -38,52 +37,6 @@ def _ssha(password: str) -> str:
     salt = os.urandom(4)
     digest = hashlib.sha1(password.encode() + salt).digest()
     return "{SSHA}" + base64.b64encode(digest + salt).decode()
-
-
-def _config(root: Path) -> str:
-    schemas = "".join(f"include: file:///etc/ldap/schema/{n}.ldif\n\n"
-                      for n in ("core", "cosine", "nis", "inetorgperson"))
-    variables: dict[str, Any] = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
-    ours = "".join(f"include: file://{ROLE}/files/schema/{n}.ldif\n\n"
-                   for n in variables["directory__schemas"])
-    access = "\n".join(f"olcAccess: {{{i}}}{rule}" for i, rule in enumerate(_rules()))
-    return f"""dn: cn=config
-objectClass: olcGlobal
-cn: config
-olcPidFile: {root}/slapd.pid
-
-dn: cn=module{{0}},cn=config
-objectClass: olcModuleList
-cn: module{{0}}
-olcModulePath: /usr/lib/ldap
-olcModuleLoad: back_mdb
-
-dn: cn=schema,cn=config
-objectClass: olcSchemaConfig
-cn: schema
-
-{schemas}{ours}
-dn: olcDatabase={{-1}}frontend,cn=config
-objectClass: olcDatabaseConfig
-objectClass: olcFrontendConfig
-olcDatabase: {{-1}}frontend
-olcSizeLimit: unlimited
-
-dn: olcDatabase={{0}}config,cn=config
-objectClass: olcDatabaseConfig
-olcDatabase: {{0}}config
-olcAccess: to * by dn.exact={ROOT} manage by * none
-
-dn: olcDatabase={{1}}mdb,cn=config
-objectClass: olcDatabaseConfig
-objectClass: olcMdbConfig
-olcDatabase: {{1}}mdb
-olcSuffix: {BASE}
-olcDbDirectory: {root}/db
-olcDbNoSync: TRUE
-olcDbIndex: objectClass eq
-{access}
-"""
 
 
 def _entries() -> str:
@@ -115,17 +68,19 @@ def _entries() -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlapdProcess]:
+    """The unit tests' slapd (aaf_conftest: the role's schemas, overlays and indexes under
+    dc=fr), with the role's access rules on its database."""
     root = tmp_path_factory.mktemp("acl")
-    (root / "conf").mkdir()
-    (root / "db").mkdir()
-    (root / "config.ldif").write_text(_config(root), encoding="utf-8")
-    subprocess.run([str(SLAPD), "-T", "add", "-n0", "-F", str(root / "conf"),
-                    "-l", str(root / "config.ldif")], check=True, capture_output=True)
-    (root / "data.ldif").write_text(_entries(), encoding="utf-8")
-    subprocess.run([str(SLAPD), "-T", "add", "-n1", "-F", str(root / "conf"),
-                    "-l", str(root / "data.ldif")], check=True, capture_output=True)
+    init_slapd(root)
     process = SlapdProcess(root)
     process.start()
+    access = "".join(f"olcAccess: {{{i}}}{rule}\n" for i, rule in enumerate(_rules()))
+    for text in (f"dn: olcDatabase={{1}}mdb,cn=config\nchangetype: modify\nreplace: olcAccess\n"
+                 f"{access}-\n",
+                 "dn: dc=fr\nchangetype: add\nobjectClass: dcObject\nobjectClass: organization\n"
+                 "dc: fr\no: fr\n\n" + _entries()):
+        subprocess.run(["ldapmodify", "-a", "-Q", "-Y", "EXTERNAL", "-H", process.uri],
+                       input=text.encode(), check=True, capture_output=True)
     yield process
     process.stop()
     shutil.rmtree(root / "db", ignore_errors=True)
