@@ -1,6 +1,7 @@
 """``entfarm aaf import``: desired state from an export, current state from the directory, one
-change set, refusals before any write, one ldapmodify for the whole change set; or, for a first
-import, an offline bulk load of its adds (:mod:`.bulk`) and ldapmodify for the rest.
+change set, refusals before any write, then ldapmodify (up to 4 side by side, run of
+independent records after run); or, for a first import, an offline bulk load of its adds
+(:mod:`.bulk`) and ldapmodify for the rest.
 """
 
 from __future__ import annotations
