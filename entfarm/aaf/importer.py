@@ -649,9 +649,7 @@ def _partly_applied(exc: UserError, state: Path, cs: ChangeSet, stamp: str,
                          f"read back ({again}); their one-time codes are lost: reset them "
                          "after the next import")
     kept = [a for a in cs.new_accounts if a.login in written]
-    keep = ChangeSet(skipped=cs.skipped)
-    keep.logins, keep.new_accounts = cs.logins, kept
-    paths = _keep_accounts(state, keep, stamp)
+    paths = _keep_accounts(state, cs, stamp, accounts=kept)
     record["distribution"] = [str(p) for p in paths]
     return UserError(f"{exc}\n{len(kept)} of the {len(cs.new_accounts)} new accounts were "
                      f"written before the failure; their distribution files: "
@@ -659,13 +657,15 @@ def _partly_applied(exc: UserError, state: Path, cs: ChangeSet, stamp: str,
                      "again applies the changes still missing")
 
 
-def _keep_accounts(state: Path, cs: ChangeSet, stamp: str) -> list[Path]:
-    """Remember the logins and write the distribution files of the new accounts."""
+def _keep_accounts(state: Path, cs: ChangeSet, stamp: str,
+                   accounts: list[NewAccount] | None = None) -> list[Path]:
+    """Remember the logins and write the distribution files of the new accounts (``accounts``:
+    only those, when a failed write left the others out of the directory)."""
     logins_file = state / "aaf" / "logins.json"
     known = _read_logins(logins_file)
     known.update(cs.logins)
     _write_private(logins_file, json.dumps(known, sort_keys=True, indent=0))
-    return write_distribution(state, cs.new_accounts, stamp)
+    return write_distribution(state, cs.new_accounts if accounts is None else accounts, stamp)
 
 
 def _write_run(state: Path, stamp: str, record: dict[str, Any]) -> Path:
