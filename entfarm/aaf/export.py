@@ -210,6 +210,8 @@ def _attrs(element: ET.Element | None, item: str) -> Attrs:
 
 Record = tuple[str, str | None, Attrs, Attrs]  # request, id, operational attrs, attributes
 _CHUNK = 1 << 20
+# Files up to this size are parsed whole (see iter_records).
+_WHOLE_FILE_MAX = 16 << 20
 _Events = Iterator[tuple[str, ET.Element]]
 
 
@@ -263,11 +265,48 @@ def _record(element: ET.Element) -> Record:
 
 
 def iter_records(path: Path) -> Iterator[Record]:
-    """Records of one file, streamed; raises ET.ParseError on malformed or truncated XML.
+    """Records of one file; raises ET.ParseError on malformed or truncated XML, after the
+    records before the fault.
 
-    Only end events are asked of the parser and children are walked directly: ``iterparse``
-    with start events and path lookups took most of the import's reading time.
+    A file of at most _WHOLE_FILE_MAX bytes is parsed at once by the C parser, which builds the
+    tree without handing an event per element back to Python: half the time of the streamed
+    reading on 100 000-person exports, for a tree of about 8 times the file's size held while
+    its records are read. Bigger files, and any file that does not parse, are streamed (so a
+    fault is reported after the same records either way).
     """
+    try:
+        whole = path.stat().st_size <= _WHOLE_FILE_MAX
+    except OSError:
+        whole = False  # open() below raises the error the caller reports
+    if whole:
+        try:
+            root = ET.parse(path).getroot()
+        except ET.ParseError:
+            pass
+        else:
+            if root.tag != "ficAlimMENESR":
+                raise ET.ParseError(
+                    f"root element is <{root.tag}>, expected <ficAlimMENESR>")
+            yield from _tree_records(root)
+            return
+    yield from _streamed_records(path)
+
+
+def _tree_records(root: ET.Element) -> Iterator[Record]:
+    requests = frozenset(REQUESTS)
+    for child in root:
+        if child.tag in requests:
+            yield _record(child)
+        else:  # requests are the root's children; look deeper as the streamed reader does
+            for element in child.iter():
+                if element.tag in requests:
+                    yield _record(element)
+        child.clear()  # the tree shrinks as its records are read
+
+
+def _streamed_records(path: Path) -> Iterator[Record]:
+    """Only end events are asked of the parser and children are walked directly: ``iterparse``
+    with start events and path lookups took most of the import's reading time."""
     with open(path, "rb") as fh:
         _check_root(fh)
         fh.seek(0)

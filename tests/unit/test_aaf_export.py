@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
+from entfarm.aaf import export as export_module
 from entfarm.aaf.export import load
 from entfarm.aaf.generate import add_request, generate, generate_delta
 from entfarm.aaf.mapping import allocate_logins, fold, login_base
@@ -101,3 +104,43 @@ def test_generated_export_is_deterministic_checks_clean_and_logins_are_stable(
     assert any(login[-1].isdigit() for login in first.values())
     # A login handed out before is kept even if the directory lost the entry.
     assert allocate_logins(d, {}, first) == first
+
+
+def test_whole_file_and_streamed_reading_give_the_same_records_and_faults(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files up to _WHOLE_FILE_MAX are parsed at once, bigger ones streamed: both readings must
+    yield the same records, and for a faulty file the same records before the same error."""
+    generate([("0360005K", "Collège A", "036"), ("0450040Z", "Collège B", "045")],
+             tmp_path / "ok", date="20250901", seed=3, eleves_per_college=40)
+    eleve = next((tmp_path / "ok").glob("*_Eleve_0000.xml"))
+    body = eleve.read_bytes()
+    cut = body.rfind(b"<addRequest")
+    faulty = {
+        "truncated": body[:cut + 40],
+        "garbage-midway": body[:cut] + b"<addRequest><oops></addRequest>" + body[cut:],
+        "wrong-root": body.replace(b"ficAlimMENESR", b"autreChose"),
+        "empty": b"",
+    }
+    cases = [eleve]
+    for name, data in faulty.items():
+        path = tmp_path / f"{name}.xml"
+        path.write_bytes(data)
+        cases.append(path)
+
+    def read(path: Path) -> tuple[list[export_module.Record], str | None]:
+        records: list[export_module.Record] = []
+        try:
+            for record in export_module.iter_records(path):
+                records.append(record)
+        except ET.ParseError as exc:
+            return records, str(exc)
+        return records, None
+
+    whole = [read(p) for p in cases]
+    monkeypatch.setattr(export_module, "_WHOLE_FILE_MAX", 0)
+    streamed = [read(p) for p in cases]
+    assert whole == streamed
+    assert len(whole[0][0]) > 40 and whole[0][1] is None
+    assert all(error for _records, error in whole[1:])
+    assert whole[1][0] and whole[2][0]  # the records before the fault are read
+    assert "expected <ficAlimMENESR>" in (whole[3][1] or "")
