@@ -173,14 +173,16 @@ def central_preflight(farm: Farm, run_dir: Path) -> list[Evidence]:
 
 
 def suite_evidence(farm: Farm, gate: str, roles: list[str], hosts: list[str],
-                   report: Path) -> Evidence:
-    """The roles' verify suites on these hosts, as the evidence of a gate."""
+                   report: Path, select: str | None = None) -> Evidence:
+    """The roles' verify suites on these hosts, as the evidence of a gate (``select``: only
+    the tests of that name)."""
     from ..verify import run_verify
 
     log = report.with_suffix(".log")
     # pytest keeps the last --junitxml: the report lands in the wave's run directory, and its
     # output in a log beside it (the gate's evidence names both).
-    rc = run_verify(farm, roles, hosts=hosts, extra_args=["-q", f"--junitxml={report}"], log=log)
+    rc = run_verify(farm, roles, hosts=hosts, log=log,
+                    extra_args=["-q", f"--junitxml={report}", *(["-k", select] if select else [])])
     counts = _junit_counts(report)
     detail = (f"verify suites: exit {rc}; " + ", ".join(f"{k} {v}" for k, v in counts.items())
               if counts else f"verify suites: exit {rc}")
@@ -511,7 +513,7 @@ class PortalStep(Step):
                 "deactivated, so nobody of it can log in")
 
 
-# -- service tenants whose steps are not built yet -----------------------------------------------
+# -- service tenants --------------------------------------------------------------------------
 
 
 class ServiceTenantStep(Step):
@@ -535,6 +537,121 @@ class ServiceTenantStep(Step):
 
     def plan(self, etab: Etablissement) -> str:
         return self.what.format(uai=etab.uai, name=etab.name) + " (tenant step not built yet)"
+
+
+class AppTenantStep(Step):
+    """The établissement's objects in a PHP application (Moodle's category and cohort,
+    Nextcloud's group folder): the role's ``<role>:tenants`` tag on the application's hosts
+    with the batch's UAIs added to those its fact lists, one playbook run per batch; the gate
+    is the role's own verify check of its tenants, on each host.
+
+    Without the application's release (the role's fact says "artifact missing", as in the
+    lab) there is nothing to create in: the step applies nothing and its gate answers "not
+    verifiable", never passed."""
+
+    def __init__(self, farm: Farm, role: str, title: str, what: str, check_name: str,
+                 progress: Callable[[str], None] = lambda _line: None,
+                 needs_app: str | None = None):
+        self.farm = farm
+        self.needs_app = needs_app  # an application plugin the tenants live in
+        self.name = role
+        self.title = title
+        self.gate = f"{role} tenant"
+        self.what = what
+        self.check_name = check_name  # the test of roles/<role>/verify that checks tenants
+        self.progress = progress
+
+    def applicable(self, etab: Etablissement) -> bool:
+        return self.name in self.farm.spec.services
+
+    def skip_reason(self, etab: Etablissement) -> str:
+        return f"not deployed (no services.{self.name} in farm.yml)"
+
+    def plan(self, etab: Etablissement) -> str:
+        return (self.what.format(uai=etab.uai, name=etab.name)
+                + f": playbooks/apps.yml --tags {self.name}:tenants")
+
+    def _hosts(self) -> list[str]:
+        return list(self.farm.spec.services[self.name].hosts)
+
+    def _facts(self) -> dict[str, dict[str, Any] | None]:
+        return {host: read_fact(self.farm, host, self.name) for host in self._hosts()}
+
+    @staticmethod
+    def _installed(fact: dict[str, Any] | None) -> bool:
+        return bool(fact) and fact.get("state") == "installed"  # type: ignore[union-attr]
+
+    def check(self, etab: Etablissement) -> bool:
+        facts = self._facts()
+        return all(self._installed(f) and etab.uai in (f or {}).get("tenants", [])
+                   for f in facts.values())
+
+    def apply_batch(self, etabs: Sequence[Etablissement]) -> dict[str, Exception]:
+        from ..runner import run_playbook
+
+        facts = self._facts()
+        missing = [h for h, f in facts.items() if not f]
+        if missing:
+            error = UserError(f"{self.name} is not deployed on {', '.join(missing)} (no "
+                              f"{self.name} fact): deploy it first (entfarm deploy --tags "
+                              f"{self.name})")
+            return {e.uai: error for e in etabs}
+        live = [h for h, f in facts.items() if self._installed(f)]
+        if not live:
+            states = sorted({str((f or {}).get("state")) for f in facts.values()})
+            self.progress(f"{self.name}: {', '.join(states)}; no tenant to create")
+            return {}
+        tenants = sorted({u for h in live for u in (facts[h] or {}).get("tenants", [])}
+                         | {e.uai for e in etabs})
+        self.progress(f"{self.name}: creating the tenants of {len(etabs)} établissement(s) "
+                      f"on {', '.join(live)}")
+        result = run_playbook(self.farm, "playbooks/apps.yml", limit=",".join(live),
+                              tags=f"{self.name}:tenants",
+                              extravars={f"{self.name}__tenants": tenants})
+        if result.exit_code != 0:
+            failures = "; ".join(f"{f['task']}: {f['message']}" for f in result.failures[:3])
+            error = UserError(f"{self.name} tenants: the apps play failed (exit "
+                              f"{result.exit_code}, run directory {result.run_dir})"
+                              f"{': ' + failures if failures else ''}")
+            return {e.uai: error for e in etabs}
+        return {}
+
+    def verify(self, etab: Etablissement) -> Evidence:
+        from ..runner import new_run_dir
+
+        try:
+            facts = self._facts()
+        except TransportError as exc:
+            return Evidence(self.gate, FAILED_GATE, str(exc))
+        data: dict[str, Any] = {h: {"state": (f or {}).get("state"),
+                                    "version": (f or {}).get("version")}
+                                for h, f in facts.items()}
+        for host, fact in facts.items():
+            if not fact:
+                return Evidence(self.gate, FAILED_GATE,
+                                f"{host}: no {self.name} fact ({self.name} role not deployed)",
+                                data)
+            if not self._installed(fact):
+                return Evidence(self.gate, NOT_VERIFIABLE,
+                                f"not verifiable: {fact.get('state')} on {host} "
+                                f"({fact.get('artifact')}); no tenant exists to check", data)
+            if self.needs_app and self.needs_app in fact.get("apps_missing", []):
+                return Evidence(self.gate, NOT_VERIFIABLE,
+                                f"not verifiable: the {self.needs_app} app is missing on "
+                                f"{host}", data)
+            if etab.uai not in fact.get("tenants", []):
+                return Evidence(self.gate, FAILED_GATE,
+                                f"{host}: {etab.uai} is not among the {self.name} tenants its "
+                                "role was given", data)
+        report = new_run_dir(self.farm, f"verify-{self.name}-tenants") / "verify.xml"
+        evidence = suite_evidence(self.farm, self.gate, [self.name], self._hosts(), report,
+                                  select=self.check_name)
+        return Evidence(evidence.gate, evidence.outcome, evidence.detail,
+                        {**evidence.data, "hosts_state": data})
+
+    def disable(self, etab: Etablissement) -> str:
+        return (f"{self.name} tenant kept with its data; nobody of {etab.uai} can sign in to "
+                "it (its accounts are deactivated in the directory, which the CAS reads)")
 
 
 class SchoolServerStep(Step):
@@ -596,9 +713,12 @@ def default_steps(farm: Farm, export: Path | None, scope: ScopeProvider,
         DirectoryStep(farm, export, scope, progress, counts),
         PortalStep(farm),
         ServiceTenantStep(farm, "etherpad", "Etherpad", "pad group {uai}"),
-        ServiceTenantStep(farm, "moodle", "Moodle",
-                          "category «{name}» (idnumber {uai}), one cohort per class"),
-        ServiceTenantStep(farm, "nextcloud", "Nextcloud",
-                          "group folder «{uai} {name}» with its quota"),
+        AppTenantStep(farm, "moodle", "Moodle",
+                      "course category «{name}» and its cohort (idnumber {uai})",
+                      "test_etablissements_have_their_category_and_cohort", progress),
+        AppTenantStep(farm, "nextcloud", "Nextcloud",
+                      "group folder «{name} ({uai})» with its quota",
+                      "test_each_etablissement_has_its_group_folder", progress,
+                      needs_app="groupfolders"),
         SchoolServerStep(farm, progress),
     ]

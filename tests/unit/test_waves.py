@@ -31,8 +31,10 @@ from entfarm.waves.ledger import (
 from entfarm.waves.plan import make_batches, plan_wave
 from entfarm.waves.report import write_report
 from entfarm.waves.steps import (
+    FAILED_GATE,
     NOT_VERIFIABLE,
     PASSED,
+    AppTenantStep,
     DirectoryStep,
     Evidence,
     Step,
@@ -351,7 +353,9 @@ def test_loiret_plans_three_waves_of_valid_uais(tmp_path: Path) -> None:
     titles = plans[0].step_titles
     assert titles[:2] == ["Annuaire (AAF)", "Portail"] and "Moodle" in titles
     first = dict(plans[0].rows[0].steps)
-    assert "(tenant step not built yet)" in first["Moodle"]
+    assert first["Moodle"].endswith("playbooks/apps.yml --tags moodle:tenants")
+    assert "(idnumber 0450008P)" in first["Moodle"]
+    assert "(tenant step not built yet)" in first["Etherpad"]
     assert plans[0].rows[0].school_server == "se-0450008p"
     wave3 = dict(plans[2].rows[0].steps)
     assert wave3["Serveur d'établissement"].startswith("none declared")
@@ -538,3 +542,105 @@ def test_directory_step_reads_the_export_once_per_run_unless_it_changes(
         os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
         assert _engine(farm, ledger, step).apply("2").ok
         assert reads == [export, export]
+
+
+# -- application tenants (Moodle, Nextcloud): their decisions, on the facts their roles write ----
+
+
+def _tenant_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, role: str,
+                 facts: dict[str, Any], exit_code: int = 0
+                 ) -> tuple[AppTenantStep, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The default step of ``role`` on the Loiret example, its hosts' facts given, the
+    playbook runs and verify suites it starts recorded instead of run."""
+    from entfarm.waves import steps as steps_module
+
+    farm = load_farm(LOIRET)
+    step = next(s for s in default_steps(farm, None, lambda: (set(), set()))
+                if s.name == role)
+    assert isinstance(step, AppTenantStep)
+    plays: list[dict[str, Any]] = []
+    suites: list[dict[str, Any]] = []
+    monkeypatch.setattr(steps_module, "read_fact",
+                        lambda _farm, host, name: facts.get(host) if name == role else None)
+
+    class Result:
+        run_dir = tmp_path / "run"
+        failures = [{"task": "tenants | Create", "message": "boom"}] if exit_code else []
+
+    Result.exit_code = exit_code  # type: ignore[attr-defined]
+
+    def run_playbook(_farm: Farm, playbook: str, **kw: Any) -> Any:
+        plays.append({"playbook": playbook, **kw})
+        return Result()
+
+    def suite_evidence(_farm: Farm, gate: str, roles: list[str], hosts: list[str],
+                       report: Path, select: str | None = None) -> Evidence:
+        suites.append({"roles": roles, "hosts": hosts, "select": select})
+        return Evidence(gate, PASSED, "verify suites: exit 0; tests 1", {"exit": 0})
+
+    import entfarm.runner as runner_module
+    monkeypatch.setattr(runner_module, "run_playbook", run_playbook)
+    monkeypatch.setattr(runner_module, "new_run_dir", lambda _farm, name: tmp_path / name)
+    monkeypatch.setattr(steps_module, "suite_evidence", suite_evidence)
+    return step, plays, suites
+
+
+def test_app_tenant_without_the_release_applies_nothing_and_is_not_verifiable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    farm = load_farm(LOIRET)
+    fact = {"state": "artifact missing", "artifact": "moodle-4.5", "tenants": []}
+    step, plays, suites = _tenant_step(tmp_path, monkeypatch, "moodle", {
+        h: fact for h in farm.spec.services["moodle"].hosts})
+    etab = farm.spec.etablissements[0]
+    assert step.check(etab) is False
+    assert step.apply_batch([etab]) == {} and plays == []
+    evidence = step.verify(etab)
+    assert evidence.outcome == NOT_VERIFIABLE and "artifact missing" in evidence.detail
+    assert suites == []
+
+
+def test_app_tenant_runs_its_tag_with_the_batch_added_then_checks_that_tenant(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    farm = load_farm(LOIRET)
+    hosts = farm.spec.services["moodle"].hosts
+    assert len(hosts) == 2
+    fact = {"state": "installed", "artifact": "moodle-4.5", "tenants": ["0450008P"]}
+    step, plays, suites = _tenant_step(tmp_path, monkeypatch, "moodle",
+                                       {h: fact for h in hosts})
+    etabs = farm.spec.etablissements[1:3]
+    assert not step.check(etabs[0])
+    assert step.apply_batch(etabs) == {}
+    [play] = plays
+    assert play["playbook"] == "playbooks/apps.yml" and play["tags"] == "moodle:tenants"
+    assert play["limit"] == ",".join(hosts)
+    assert play["extravars"] == {"moodle__tenants": sorted(["0450008P", *(e.uai for e in etabs)])}
+    # A UAI its role was not given fails the gate without running the suite.
+    evidence = step.verify(etabs[0])
+    assert evidence.outcome == FAILED_GATE and "not among the moodle tenants" in evidence.detail
+    fact["tenants"] = play["extravars"]["moodle__tenants"]
+    assert step.check(etabs[0])
+    assert step.verify(etabs[0]).outcome == PASSED
+    assert suites == [{"roles": ["moodle"], "hosts": list(hosts),
+                       "select": "test_etablissements_have_their_category_and_cohort"}]
+
+
+def test_app_tenant_failed_play_fails_the_batch_and_a_missing_plugin_is_not_verifiable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    farm = load_farm(LOIRET)
+    fact = {"state": "installed", "artifact": "nextcloud-30", "tenants": [],
+            "apps_missing": ["groupfolders"]}
+    step, plays, suites = _tenant_step(tmp_path, monkeypatch, "nextcloud", {
+        h: fact for h in farm.spec.services["nextcloud"].hosts}, exit_code=2)
+    etabs = farm.spec.etablissements[:2]
+    errors = step.apply_batch(etabs)
+    assert set(errors) == {e.uai for e in etabs}
+    assert "apps play failed (exit 2" in str(errors[etabs[0].uai])
+    assert "boom" in str(errors[etabs[0].uai])
+    fact["tenants"] = [etabs[0].uai]
+    evidence = step.verify(etabs[0])
+    assert evidence.outcome == NOT_VERIFIABLE and "groupfolders" in evidence.detail
+    assert suites == []
+    # Not deployed at all: the batch fails with what to do.
+    step, plays, _ = _tenant_step(tmp_path, monkeypatch, "nextcloud", {})
+    errors = step.apply_batch(etabs)
+    assert "entfarm deploy --tags nextcloud" in str(errors[etabs[0].uai]) and plays == []
