@@ -13,8 +13,9 @@ is visible.
 
 The farm is a temporary copy of the lab's farm.yml with the synthetic collèges added (same
 hosts and containers, the lab's secrets and artifact store, its own state directory: ledger,
-distribution files and runs stay out of the lab's). The portal is redeployed from that copy so
-that its gate finds the new collèges, and from the lab's farm.yml again at the end. The AAF
+distribution files and runs stay out of the lab's). The portal and Etherpad's list of open
+établissements are redeployed from that copy, as a deploy of a real farm's farm.yml would,
+and from the lab's farm.yml again at the end. The AAF
 data the benchmark creates is deleted at the end: re-import the lab's export afterwards
 (the lab tests do it themselves).
 
@@ -181,8 +182,11 @@ def main() -> int:
     export = work / "aaf"
     entfarm("aaf", "generate", str(export), "-i", str(inventory), "--seed", "7",
             "--eleves-per-college", str(args.eleves_per_college))
-    _say("portal: redeploying with the benchmark's collèges")
-    entfarm("deploy", "-i", str(inventory), "--tags", "portal", "--limit", "portal")
+    # What a deploy renders from farm.yml's établissements, as for a real farm's next wave:
+    # the portal's list and Etherpad's open établissements (the waves' steps find them done).
+    _say("portal, etherpad tenants: redeploying with the benchmark's collèges")
+    entfarm("deploy", "-i", str(inventory), "--tags", "portal,etherpad:tenants",
+            "--limit", "portal:etherpad")
     removed = clear_aaf_data(farm)
     _say(f"directory: {removed} AAF entries removed")
     results: list[dict[str, Any]] = []
@@ -195,9 +199,11 @@ def main() -> int:
         ref = reference(farm, export, all_uais)
     finally:
         if not args.keep:
-            _say("clean-up: AAF data removed, portal redeployed from the lab's farm.yml")
+            _say("clean-up: AAF data removed, portal and etherpad tenants redeployed from the "
+                 "lab's farm.yml")
             clear_aaf_data(farm)
-            entfarm("deploy", "-i", str(LAB), "--tags", "portal", "--limit", "portal")
+            entfarm("deploy", "-i", str(LAB), "--tags", "portal,etherpad:tenants",
+                    "--limit", "portal:etherpad")
     load_after = os.getloadavg()
     per_etab = [r["per_etab_s"] for r in results if r["per_etab_s"] is not None]
     verdict = {

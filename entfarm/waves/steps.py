@@ -291,24 +291,32 @@ class CasLoginGate:
             ("uid",), "one")
         return {v for e in found.values() for v in e.get("uid", [])}
 
+    def account(self, etab: Etablissement, profiles: Sequence[str] = ("élève",)
+                ) -> tuple[DistributedAccount | None, str]:
+        """An account the import distributed for the établissement, of one of these profiles
+        (distribution labels: élève, enseignant …), still active: (account, "") or (None, why)."""
+        wanted = set(profiles)
+        candidates = sorted((a for a in distributed_accounts(self.farm, etab.uai).values()
+                             if a.profil in wanted), key=lambda a: (a.distributed, a.login),
+                            reverse=True)[:GATE_CANDIDATES]
+        named = "/".join(sorted(wanted))
+        if not candidates:
+            return None, (f"no {named} account distributed for {etab.uai} (state/aaf/"
+                          "distribution): the import provisioned nobody there")
+        if self.directory is not None:
+            active = self._active(etab, [a.login for a in candidates])
+            candidates = [a for a in candidates if a.login in active]
+            if not candidates:
+                return None, (f"none of the {GATE_CANDIDATES} {named} accounts last "
+                              f"distributed for {etab.uai} is active in the directory")
+        return candidates[0], ""
+
     def verify(self, etab: Etablissement) -> Evidence:
         from ..casclient import CasClientError, portal_message, ticket_of
 
-        eleves = sorted((a for a in distributed_accounts(self.farm, etab.uai).values()
-                         if a.profil == "élève"), key=lambda a: (a.distributed, a.login),
-                        reverse=True)[:GATE_CANDIDATES]
-        if not eleves:
-            return Evidence(self.name, FAILED_GATE,
-                            f"no élève account distributed for {etab.uai} (state/aaf/"
-                            "distribution): the import provisioned nobody there")
-        if self.directory is not None:
-            active = self._active(etab, [a.login for a in eleves])
-            eleves = [a for a in eleves if a.login in active]
-            if not eleves:
-                return Evidence(self.name, FAILED_GATE,
-                                f"none of the {GATE_CANDIDATES} élèves last distributed for "
-                                f"{etab.uai} is active in the directory")
-        account = eleves[0]
+        account, why = self.account(etab)
+        if account is None:
+            return Evidence(self.name, FAILED_GATE, why)
         service = self.service()
         data: dict[str, Any] = {"account": account.login, "service": service}
         try:
@@ -516,29 +524,6 @@ class PortalStep(Step):
 # -- service tenants --------------------------------------------------------------------------
 
 
-class ServiceTenantStep(Step):
-    """A service's tenant for the établissement, not built yet: the step applies nothing and
-    its gate is never passed."""
-
-    built = False
-
-    def __init__(self, farm: Farm, service: str, title: str, what: str):
-        self.farm = farm
-        self.name = service
-        self.title = title
-        self.gate = f"{service} tenant"
-        self.what = what
-
-    def applicable(self, etab: Etablissement) -> bool:
-        return self.name in self.farm.spec.services
-
-    def skip_reason(self, etab: Etablissement) -> str:
-        return f"not deployed (no services.{self.name} in farm.yml)"
-
-    def plan(self, etab: Etablissement) -> str:
-        return self.what.format(uai=etab.uai, name=etab.name) + " (tenant step not built yet)"
-
-
 class AppTenantStep(Step):
     """The établissement's objects in a PHP application (Moodle's category and cohort,
     Nextcloud's group folder): the role's ``<role>:tenants`` tag on the application's hosts
@@ -617,8 +602,6 @@ class AppTenantStep(Step):
         return {}
 
     def verify(self, etab: Etablissement) -> Evidence:
-        from ..runner import new_run_dir
-
         try:
             facts = self._facts()
         except TransportError as exc:
@@ -643,11 +626,75 @@ class AppTenantStep(Step):
                 return Evidence(self.gate, FAILED_GATE,
                                 f"{host}: {etab.uai} is not among the {self.name} tenants its "
                                 "role was given", data)
+        return self.tenant_evidence(etab, facts, data)
+
+    def tenant_evidence(self, etab: Etablissement, facts: dict[str, dict[str, Any] | None],
+                        data: dict[str, Any]) -> Evidence:
+        """The tenant itself, once every host's fact lists it: the role's verify check."""
+        from ..runner import new_run_dir
+
         report = new_run_dir(self.farm, f"verify-{self.name}-tenants") / "verify.xml"
         evidence = suite_evidence(self.farm, self.gate, [self.name], self._hosts(), report,
                                   select=self.check_name)
         return Evidence(evidence.gate, evidence.outcome, evidence.detail,
                         {**evidence.data, "hosts_state": data})
+
+
+# The établissement pad the Etherpad gate opens (its page only: the pad is not created).
+ETHERPAD_GATE_PAD = "accueil"
+
+
+class EtherpadTenantStep(AppTenantStep):
+    """The établissement's pads (``<UAI>.<name>``, plugin ep_entfarm_cas): its UAI added to the
+    etherpad role's tenants (``etherpad:tenants``, no restart). The gate signs in through the
+    CAS as one of the établissement's distributed accounts whose profile may use Etherpad, and
+    opens the page of the pad ``<UAI>.accueil`` through the edge: Etherpad must serve it (a pad
+    of an établissement not onboarded, or of another one, is refused with 403)."""
+
+    def __init__(self, farm: Farm, accounts: CasLoginGate,
+                 progress: Callable[[str], None] = lambda _line: None):
+        super().__init__(farm, "etherpad", "Etherpad",
+                         "pads «{uai}.<nom>» open to its people", "", progress)
+        self.accounts = accounts
+
+    def tenant_evidence(self, etab: Etablissement, facts: dict[str, dict[str, Any] | None],
+                        data: dict[str, Any]) -> Evidence:
+        from ..casclient import CasClientError, portal_message, ticket_of
+
+        fact = next(f for f in facts.values() if f)
+        # Distribution labels (élève …) of the portal profiles the role lets in (eleve …).
+        allowed = set(fact.get("profiles", []))
+        labels = [label for label in ("élève", "enseignant", "direction", "personnel", "parent")
+                  if label.replace("é", "e").replace("è", "e") in allowed]
+        if not labels:
+            return Evidence(self.gate, NOT_VERIFIABLE,
+                            "not verifiable: Etherpad lets in none of the profiles the AAF "
+                            f"import distributes accounts to ({sorted(allowed)})", data)
+        account, why = self.accounts.account(etab, labels)
+        if account is None:
+            return Evidence(self.gate, FAILED_GATE, why, data)
+        pad = f"{fact['url']}p/{etab.uai}.{ETHERPAD_GATE_PAD}"
+        data = {**data, "account": account.login, "profile": account.profil, "pad": pad}
+        try:
+            cas = self.accounts.client()
+            browser = cas.browser()
+            answer = cas.login(browser, pad, account.login, account.code)
+            if ticket_of(answer, pad) is None:
+                return Evidence(self.gate, FAILED_GATE,
+                                f"{account.login}: no CAS ticket for {pad} "
+                                f"({portal_message(answer)})", data)
+            back = browser.request("GET", answer.location)  # the plugin opens the session
+            page = browser.request("GET", pad) if back.status in (302, 303) else back
+        except CasClientError as exc:
+            return Evidence(self.gate, FAILED_GATE, f"through the edge: {exc}", data)
+        data["status"] = page.status
+        if page.status != 200:
+            return Evidence(self.gate, FAILED_GATE,
+                            f"{account.login} ({account.profil}) got HTTP {page.status} for "
+                            f"{pad}", data)
+        return Evidence(self.gate, PASSED,
+                        f"{account.profil} {account.login} opened {etab.uai}'s pad page "
+                        f"through the CAS", data)
 
     def disable(self, etab: Etablissement) -> str:
         return (f"{self.name} tenant kept with its data; nobody of {etab.uai} can sign in to "
@@ -709,10 +756,11 @@ def default_steps(farm: Farm, export: Path | None, scope: ScopeProvider,
                   progress: Callable[[str], None] = lambda _line: None,
                   counts: dict[str, dict[str, int]] | None = None) -> list[Step]:
     """The steps of onboarding, in order: accounts first (every tenant maps them)."""
+    directory = DirectoryStep(farm, export, scope, progress, counts)
     return [
-        DirectoryStep(farm, export, scope, progress, counts),
+        directory,
         PortalStep(farm),
-        ServiceTenantStep(farm, "etherpad", "Etherpad", "pad group {uai}"),
+        EtherpadTenantStep(farm, directory.gate_impl, progress),
         AppTenantStep(farm, "moodle", "Moodle",
                       "course category «{name}» and its cohort (idnumber {uai})",
                       "test_etablissements_have_their_category_and_cohort", progress),

@@ -155,6 +155,66 @@ def test_a_parent_is_refused(fact: dict[str, Any], lab_farm: Farm,
     assert again.status == 302 and again.location.startswith(fact["cas_url"] + "login")
 
 
+# -- établissement pads: <UAI>.<name> opens to that établissement's people only -------------------
+
+
+def _signed_in(fact: dict[str, Any], farm: Farm, account: Account) -> Any:
+    """A browser with an Etherpad session of ``account`` (CAS login for Etherpad's home)."""
+    ctx = ssl.create_default_context(cafile=str(farm.secrets_dir / "pki" / "ca.crt"))
+    cas = CasClient(fact["cas_url"].removesuffix("cas/"), ctx, "127.0.0.1")
+    browser = cas.browser()
+    answer = cas.login(browser, fact["url"], account.login, account.code)
+    assert answer.status in (302, 303) and "ticket=" in answer.location, answer.status
+    back = browser.request("GET", answer.location)
+    assert back.status == 302 and back.location == fact["url"], (back.status, back.body[:300])
+    return browser
+
+
+def test_etablissement_pads_open_to_their_people_only(
+        fact: dict[str, Any], lab_farm: Farm, etherpad_host: str,
+        imported: dict[str, list[Account]]) -> None:
+    from entfarm.uai import check_letter
+
+    onboarded = [e.uai for e in lab_farm.spec.etablissements]
+    assert sorted(fact["tenants"]) == sorted(onboarded), fact["tenants"]
+    account = imported["élève"][6]
+    other = next(u for u in onboarded if u != account.uai)
+    stem = "0369999"
+    closed = stem + check_letter(stem)  # a valid UAI the farm does not have
+    browser = _signed_in(fact, lab_farm, account)
+    mine = browser.request("GET", f"{fact['url']}p/{account.uai}.conseil")
+    assert mine.status == 200, (mine.status, mine.body[:300])
+    theirs = browser.request("GET", f"{fact['url']}p/{other}.conseil")
+    assert theirs.status == 403 and f"l’établissement {other}" in theirs.body, theirs.status
+    unopened = browser.request("GET", f"{fact['url']}p/{closed}.conseil/export/txt")
+    assert unopened.status == 403 and "ne sont pas ouverts" in unopened.body, unopened.status
+    # Any other pad name stays open to every allowed profile.
+    plain = browser.request("GET", f"{fact['url']}p/entfarm-test-{secrets.token_hex(4)}")
+    assert plain.status == 200, plain.status
+
+    # Taken out of the list (what a wave's tag run writes): closed at once, no restart.
+    since = _exec(lab_farm, etherpad_host,
+                  ["systemctl", "show", "-p", "ActiveEnterTimestampMonotonic",
+                   "entfarm-etherpad"]).stdout
+    rest = [u for u in onboarded if u != account.uai]
+    shut = run_playbook(lab_farm, "playbooks/apps.yml", limit=etherpad_host,
+                        tags="etherpad:tenants", extravars={"etherpad__tenants": rest})
+    try:
+        assert shut.exit_code == 0, _describe(shut)
+        assert shut.changed_hosts == [etherpad_host]
+        refused = browser.request("GET", f"{fact['url']}p/{account.uai}.conseil")
+        assert refused.status == 403 and "ne sont pas ouverts" in refused.body, refused.status
+    finally:
+        again = run_playbook(lab_farm, "playbooks/apps.yml", limit=etherpad_host,
+                             tags="etherpad:tenants")
+    assert again.exit_code == 0, _describe(again)
+    assert browser.request("GET", f"{fact['url']}p/{account.uai}.conseil").status == 200
+    after = _exec(lab_farm, etherpad_host,
+                  ["systemctl", "show", "-p", "ActiveEnterTimestampMonotonic",
+                   "entfarm-etherpad"]).stdout
+    assert after == since, "Etherpad restarted for a change of its tenants"
+
+
 # -- the browser: portal tile -> CAS -> pad --------------------------------------------------------
 
 

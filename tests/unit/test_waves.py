@@ -355,7 +355,7 @@ def test_loiret_plans_three_waves_of_valid_uais(tmp_path: Path) -> None:
     first = dict(plans[0].rows[0].steps)
     assert first["Moodle"].endswith("playbooks/apps.yml --tags moodle:tenants")
     assert "(idnumber 0450008P)" in first["Moodle"]
-    assert "(tenant step not built yet)" in first["Etherpad"]
+    assert first["Etherpad"].startswith("pads «0450008P.<nom>» open to its people")
     assert plans[0].rows[0].school_server == "se-0450008p"
     wave3 = dict(plans[2].rows[0].steps)
     assert wave3["Serveur d'établissement"].startswith("none declared")

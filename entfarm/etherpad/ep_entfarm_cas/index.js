@@ -10,6 +10,14 @@
  * is sent to the CAS login page (pages) or refused with 401 (socket.io, XHR). Nothing here
  * logs an address or a ticket.
  *
+ * Établissement pads: a pad named "<UAI>.<anything>" (0360005K.conseil) opens only to people of
+ * that établissement (the UAIs the CAS releases for them), and only once the établissement is
+ * onboarded: its UAI listed in the tenants file (a JSON list the etherpad role writes; a wave
+ * adds each batch's UAIs). The file is read again when it changes, without a restart. The
+ * refusal happens before Etherpad grants the pad (preAuthorize), so the socket that edits the
+ * pad is refused too (Etherpad's SecurityManager requires that grant); a CLIENT_READY for a
+ * refused pad is also dropped, for sessions granted before the établissement was taken out.
+ *
  * Configuration: settings.json's "ep_entfarm_cas" object (keys below, see the etherpad role).
  */
 
@@ -20,6 +28,7 @@ const {URL, URLSearchParams} = require('url');
 
 const settings = require('ep_etherpad-lite/node/utils/Settings');
 const authorManager = require('ep_etherpad-lite/node/db/AuthorManager');
+const readOnlyManager = require('ep_etherpad-lite/node/db/ReadOnlyManager');
 const log4js = require('ep_etherpad-lite/node_modules/log4js');
 
 const logger = log4js.getLogger('ep_entfarm_cas');
@@ -43,9 +52,55 @@ const config = () => {
     ca: raw.caFile ? fs.readFileSync(raw.caFile) : undefined,
     timeoutMs: (raw.timeout || 10) * 1000,
     allowedProfiles: new Set(raw.allowedProfiles.map((p) => String(p).toLowerCase())),
+    tenantsFile: raw.tenantsFile ? String(raw.tenantsFile) : null,
   };
   return cached;
 };
+
+// "<UAI>.<name>": an établissement's pad (a UAI is 7 digits or 3 digits, 4 more, then a letter).
+const UAI_PAD = /^([0-9]{3}[0-9]{4}[A-Z])\.(.+)$/;
+let tenantsRead = {mtimeMs: null, size: null, uais: new Set()};
+
+// The onboarded UAIs, read again when the file changed. A missing file opens none; a file that
+// does not parse keeps what was read before (the role writes it whole, never in place).
+const tenants = () => {
+  const {tenantsFile} = config();
+  if (!tenantsFile) return new Set();
+  let stat;
+  try {
+    stat = fs.statSync(tenantsFile);
+  } catch (err) {
+    if (tenantsRead.mtimeMs !== 0) logger.warn(`no tenants file ${tenantsFile}: no pad opens`);
+    tenantsRead = {mtimeMs: 0, size: 0, uais: new Set()};
+    return tenantsRead.uais;
+  }
+  if (stat.mtimeMs !== tenantsRead.mtimeMs || stat.size !== tenantsRead.size) {
+    try {
+      const list = JSON.parse(fs.readFileSync(tenantsFile, 'utf8'));
+      if (!Array.isArray(list)) throw new Error('not a JSON list');
+      tenantsRead = {mtimeMs: stat.mtimeMs, size: stat.size, uais: new Set(list.map(String))};
+    } catch (err) {
+      logger.error(`cannot read ${tenantsFile}: ${err.message}; keeping the previous list`);
+    }
+  }
+  return tenantsRead.uais;
+};
+
+// Why this user may not open this pad (a sentence for the refusal page), or null.
+const tenantRefusal = (padId, user) => {
+  const m = UAI_PAD.exec(padId);
+  if (!m) return null;
+  const uai = m[1];
+  if (!tenants().has(uai)) return `Les pads de l’établissement ${uai} ne sont pas ouverts.`;
+  if (!(user.uais || []).includes(uai)) {
+    return `Ce pad est réservé aux personnes de l’établissement ${uai}.`;
+  }
+  return null;
+};
+
+// The pad a request or message is about: read-only ids ("r.…") stand for their pad.
+const realPadId = async (padId) => readOnlyManager.isReadOnlyId(padId)
+  ? (await readOnlyManager.getPadId(padId)) || padId : padId;
 
 // The URL the browser asked for, on the configured public origin (never the Host header), with
 // the CAS ticket removed: this is the CAS "service" and where the browser returns.
@@ -158,10 +213,15 @@ const login = async (req, res) => {
   const displayName = (answer.attributes.displayName || answer.attributes.cn || [answer.user])[0];
   // A fresh session for a fresh login: an earlier session id is not reused (session fixation).
   await new Promise((resolve, reject) => req.session.regenerate((e) => e ? reject(e) : resolve()));
+  const uais = [...new Set([
+    ...(answer.attributes.ENTStructureUAI || []),
+    ...(answer.attributes.ENTEtablissementsUAI || []),
+  ].map((u) => u.toUpperCase()))];
   req.session.user = {
     username: answer.user,
     displayName,
     profiles,
+    uais,
     is_admin: false,
     entfarmCas: true,
   };
@@ -194,5 +254,56 @@ exports.clientVars = (hookName, {clientVars, socket}, cb) => {
       });
 };
 
+// An établissement's pad, asked for by a signed-in user who may not open it: refused before
+// Etherpad grants it. Anyone not signed in yet goes through the CAS first (authnFailure), then
+// comes back here.
+exports.preAuthorize = (hookName, {req}, cb) => {
+  const m = req.path.match(/^\/p\/([^/]+)/);
+  const user = req.session && req.session.user;
+  if (!m || !user) return cb([]);
+  let padId;
+  try {
+    padId = decodeURIComponent(m[1]);
+  } catch (err) {
+    return cb([]); // Etherpad answers a malformed pad name itself
+  }
+  realPadId(padId).then((id) => {
+    const refusal = tenantRefusal(id, user);
+    if (refusal == null) return cb([]);
+    req.entfarmRefusal = refusal;
+    logger.info(`pad refused to ${user.username}: ${refusal}`);
+    cb([false]);
+  }, (err) => {
+    logger.error(`cannot check the pad's établissement: ${err.stack || err}`);
+    req.entfarmRefusal = 'Erreur interne.';
+    cb([false]);
+  });
+};
+
+exports.preAuthzFailure = (hookName, {req, res}, cb) => {
+  if (!req.entfarmRefusal) return cb([]);
+  page(res, 403, 'Accès refusé', req.entfarmRefusal);
+  cb([true]);
+};
+
+// A pad opened earlier in the same session, before its établissement was taken out: the
+// socket's first message is dropped as well.
+exports.handleMessage = (hookName, {message, socket}, cb) => {
+  if (!message || message.type !== 'CLIENT_READY' || typeof message.padId !== 'string') {
+    return cb([]);
+  }
+  const {session: {user} = {}} = socket.client.request;
+  realPadId(message.padId).then((id) => {
+    const refusal = user ? tenantRefusal(id, user) : null;
+    if (refusal != null) logger.info(`pad socket refused to ${user.username}: ${refusal}`);
+    cb(refusal == null ? [] : [null]);
+  }, (err) => {
+    logger.error(`cannot check the pad's établissement: ${err.stack || err}`);
+    cb([null]);
+  });
+};
+
 // For the unit tests of this plugin.
 exports._parseServiceResponse = parseServiceResponse;
+exports._tenantRefusal = tenantRefusal;
+exports._UAI_PAD = UAI_PAD;
