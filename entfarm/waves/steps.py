@@ -16,6 +16,7 @@ import csv
 import json
 import ssl
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,8 @@ FAILED_GATE: Outcome = "failed"
 NOT_VERIFIABLE: Outcome = "not_verifiable"
 SKIPPED: Outcome = "skipped"
 NOT_BUILT = "not verifiable: step not built yet"
+# How long a tenant step trusts the role facts it read (one batch's checks, apply and gates).
+FACTS_TTL_S = 60.0
 # The roles whose local facts carry the deployed version of a central service.
 CENTRAL_ROLES = ("directory", "cas", "portal", "proxy", "postgresql", "redis")
 
@@ -545,6 +548,7 @@ class AppTenantStep(Step):
         self.what = what
         self.check_name = check_name  # the test of roles/<role>/verify that checks tenants
         self.progress = progress
+        self._read: tuple[float, dict[str, dict[str, Any] | None]] | None = None
 
     def applicable(self, etab: Etablissement) -> bool:
         return self.name in self.farm.spec.services
@@ -560,7 +564,13 @@ class AppTenantStep(Step):
         return list(self.farm.spec.services[self.name].hosts)
 
     def _facts(self) -> dict[str, dict[str, Any] | None]:
-        return {host: read_fact(self.farm, host, self.name) for host in self._hosts()}
+        """The role's fact on each host, read once per batch: checks, apply and gates of one
+        batch follow each other within seconds (the apply forgets them, as it rewrites them)."""
+        now = time.monotonic()
+        if self._read is None or now - self._read[0] > FACTS_TTL_S:
+            self._read = (now, {host: read_fact(self.farm, host, self.name)
+                                for host in self._hosts()})
+        return self._read[1]
 
     @staticmethod
     def _installed(fact: dict[str, Any] | None) -> bool:
@@ -590,6 +600,7 @@ class AppTenantStep(Step):
                          | {e.uai for e in etabs})
         self.progress(f"{self.name}: creating the tenants of {len(etabs)} établissement(s) "
                       f"on {', '.join(live)}")
+        self._read = None  # the play rewrites the facts
         result = run_playbook(self.farm, "playbooks/apps.yml", limit=",".join(live),
                               tags=f"{self.name}:tenants",
                               extravars={f"{self.name}__tenants": tenants})
