@@ -138,16 +138,22 @@ def test_verify_suite_passes(etherpad_host: str, lab_farm: Farm,
     assert unverifiable == [], "\n".join(unverifiable)
 
 
+def _ticketed(fact: dict[str, Any], farm: Farm, account: Account) -> tuple[Any, Any]:
+    """A browser logged in to the CAS as ``account`` for Etherpad's home, and the CAS's
+    answer: the redirect to Etherpad with the ticket, not followed yet."""
+    ctx = ssl.create_default_context(cafile=str(farm.secrets_dir / "pki" / "ca.crt"))
+    cas = CasClient(fact["cas_url"].removesuffix("cas/"), ctx, "127.0.0.1")
+    browser = cas.browser()
+    answer = cas.login(browser, fact["url"], account.login, account.code)
+    assert answer.status in (302, 303) and "ticket=" in answer.location, answer.status
+    return browser, answer
+
+
 def test_a_parent_is_refused(fact: dict[str, Any], lab_farm: Farm,
                              imported: dict[str, list[Account]]) -> None:
     """The Etherpad tile is not a parent's: the CAS gives a ticket, Etherpad refuses the person."""
     assert "parent" not in fact["profiles"]
-    parent = imported["parent"][0]
-    ctx = ssl.create_default_context(cafile=str(lab_farm.secrets_dir / "pki" / "ca.crt"))
-    cas = CasClient(fact["cas_url"].removesuffix("cas/"), ctx, "127.0.0.1")
-    browser = cas.browser()
-    answer = cas.login(browser, fact["url"], parent.login, parent.code)
-    assert answer.status in (302, 303) and "ticket=" in answer.location, answer.status
+    browser, answer = _ticketed(fact, lab_farm, imported["parent"][0])
     refused = browser.request("GET", answer.location)
     assert refused.status == 403, (refused.status, refused.body[:300])
     assert "Accès refusé" in refused.body
@@ -160,11 +166,7 @@ def test_a_parent_is_refused(fact: dict[str, Any], lab_farm: Farm,
 
 def _signed_in(fact: dict[str, Any], farm: Farm, account: Account) -> Any:
     """A browser with an Etherpad session of ``account`` (CAS login for Etherpad's home)."""
-    ctx = ssl.create_default_context(cafile=str(farm.secrets_dir / "pki" / "ca.crt"))
-    cas = CasClient(fact["cas_url"].removesuffix("cas/"), ctx, "127.0.0.1")
-    browser = cas.browser()
-    answer = cas.login(browser, fact["url"], account.login, account.code)
-    assert answer.status in (302, 303) and "ticket=" in answer.location, answer.status
+    browser, answer = _ticketed(fact, farm, account)
     back = browser.request("GET", answer.location)
     assert back.status == 302 and back.location == fact["url"], (back.status, back.body[:300])
     return browser
