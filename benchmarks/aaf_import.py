@@ -232,11 +232,12 @@ def importer_argv(args: argparse.Namespace, export: Path, inventory: Path, uri: 
 
 
 def warm(args: argparse.Namespace, server: Server | None) -> float:
-    """Read the directory's data file once, so that its pages are in the page cache, as on a
-    directory server whose database stays in memory between imports (seconds, not counted in
-    the step). These VMs run a DAMON ``pageout`` scheme (/sys/kernel/mm/damon): pages not
-    touched for about a minute are reclaimed, so without this each import first reads back the
-    index pages it updates, one page fault at a time."""
+    """Read the directory's data file once, so that its pages are in the page cache (seconds,
+    not counted in the step). These VMs run a DAMON ``pageout`` scheme (/sys/kernel/mm/damon):
+    pages not touched for about a minute are reclaimed, and an import then reads back the
+    index pages it updates. Caveat (docs/performance.md): on this kernel, reading the file
+    sequentially also made slapd's later writes about twice as slow on the local test slapd,
+    so a --warm figure is not a clean "database in memory" one."""
     if args.lab:
         cmd = ["docker", "exec", "entfarm-lab-idp", "sh", "-c",
                "cat /var/lib/ldap/data.mdb > /dev/null"]
@@ -289,7 +290,7 @@ def main() -> None:
                    help="import with ldapmodify only (no offline bulk load of the first import)")
     p.add_argument("--warm", action="store_true",
                    help="read the directory's data file into the page cache before the "
-                        "no-change and Delta steps (see warm())")
+                        "no-change and Delta steps (see warm() and its caveat)")
     args = p.parse_args()
     if args.child:
         child_main(args)
