@@ -639,6 +639,10 @@ class AppTenantStep(Step):
                                 "role was given", data)
         return self.tenant_evidence(etab, facts, data)
 
+    def disable(self, etab: Etablissement) -> str:
+        return (f"{self.name} tenant kept with its data; nobody of {etab.uai} can sign in to "
+                "it (its accounts are deactivated in the directory, which the CAS reads)")
+
     def tenant_evidence(self, etab: Etablissement, facts: dict[str, dict[str, Any] | None],
                         data: dict[str, Any]) -> Evidence:
         """The tenant itself, once every host's fact lists it: the role's verify check."""
@@ -670,13 +674,15 @@ class EtherpadTenantStep(AppTenantStep):
 
     def tenant_evidence(self, etab: Etablissement, facts: dict[str, dict[str, Any] | None],
                         data: dict[str, Any]) -> Evidence:
+        from ..aaf.mapping import PROFILE_LABELS
         from ..casclient import CasClientError, portal_message, ticket_of
+        from ..portal.identity import PROFILE_TABLE
 
         fact = next(f for f in facts.values() if f)
         # Distribution labels (élève …) of the portal profiles the role lets in (eleve …).
         allowed = set(fact.get("profiles", []))
-        labels = [label for label in ("élève", "enseignant", "direction", "personnel", "parent")
-                  if label.replace("é", "e").replace("è", "e") in allowed]
+        labels = sorted({label for code, label in PROFILE_LABELS.items()
+                         if PROFILE_TABLE.get(code) in allowed})
         if not labels:
             return Evidence(self.gate, NOT_VERIFIABLE,
                             "not verifiable: Etherpad lets in none of the profiles the AAF "
@@ -706,10 +712,6 @@ class EtherpadTenantStep(AppTenantStep):
         return Evidence(self.gate, PASSED,
                         f"{account.profil} {account.login} opened {etab.uai}'s pad page "
                         f"through the CAS", data)
-
-    def disable(self, etab: Etablissement) -> str:
-        return (f"{self.name} tenant kept with its data; nobody of {etab.uai} can sign in to "
-                "it (its accounts are deactivated in the directory, which the CAS reads)")
 
 
 class SchoolServerStep(Step):

@@ -57,8 +57,8 @@ const config = () => {
   return cached;
 };
 
-// "<UAI>.<name>": an établissement's pad (a UAI is 7 digits or 3 digits, 4 more, then a letter).
-const UAI_PAD = /^([0-9]{3}[0-9]{4}[A-Z])\.(.+)$/;
+// "<UAI>.<name>": an établissement's pad (a UAI is 7 digits, then a letter).
+const UAI_PAD = /^([0-9]{7}[A-Z])\.(.+)$/;
 let tenantsRead = {mtimeMs: null, size: null, uais: new Set()};
 
 // The onboarded UAIs, read again when the file changed. A missing file opens none; a file that
