@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..model import Farm
-from ..ntlm import nt_hash
+from ..ntlm import nt_hashes
 from . import bulk as bulk_load
 from . import ldif
 from .export import Export, load, no_gc
@@ -380,6 +380,9 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     members: dict[str, list[str]] = {}
     gen = _generalized(now)
     stale: list[tuple[str, str, ldif.Entry]] = []  # jointure, uai, desired entry
+    # One-time codes of the new accounts, with their NT hashes computed all at once.
+    codes = [_code() for j in d.people if j not in by_jointure]
+    nt_of = dict(zip(codes, nt_hashes(codes), strict=True))
     for n, (jointure, p) in enumerate(sorted(d.people.items()), 1):
         if n % 20000 == 0:
             progress(f"comparing persons ({n} of {len(d.people)})")
@@ -398,11 +401,11 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         if known is not None:
             stale.append((jointure, uai, entry))
             continue
-        code = _code()
+        code = codes.pop()
         entry["ENTPersonCodeActivation"] = [_ssha(code)]
         entry["userPassword"] = [_ssha(code, "sha1")]
         # Samba on the school servers checks logins against it (entfarm/ntlm.py)
-        entry["ENTPersonNTHash"] = [nt_hash(code)]
+        entry["ENTPersonNTHash"] = [nt_of[code]]
         cs.ldif_parts.append(ldif.add(dn, entry))
         cs.count("people add", uai)
         classes = [v.split("$", 1)[1] for v in entry.get("ENTEleveClasses", [])]

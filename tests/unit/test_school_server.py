@@ -13,7 +13,7 @@ from entfarm.artifacts import ArtifactError, blocklist_domains
 from entfarm.errors import UserError
 from entfarm.inventory import host_vars
 from entfarm.model import Farm, SchoolLan, load_farm
-from entfarm.ntlm import md4, nt_hash
+from entfarm.ntlm import md4, md4_many, nt_hash, nt_hashes
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,21 @@ def test_md4_matches_rfc_1320_vectors() -> None:
 def test_nt_hash_is_md4_of_utf16le_in_upper_case() -> None:
     assert nt_hash("password") == "8846F7EAEE8FB117AD06BDD830B7586C"
     assert nt_hash("élève€") != nt_hash("eleve")
+
+
+def test_batched_md4_equals_md4_of_each_message() -> None:
+    import random
+
+    rng = random.Random(7)
+    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789éœ€ß"
+    passwords = ["", "password", *("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+                                   for _ in range(500))]
+    assert nt_hashes(passwords) == [nt_hash(p) for p in passwords]
+    assert nt_hashes(["password"]) == ["8846F7EAEE8FB117AD06BDD830B7586C"]
+    # 55 bytes is one block, 56 needs two (those go one by one).
+    vectors = [b"", b"abc", b"x" * 55, b"y" * 56, b"1234567890" * 8]
+    assert md4_many(vectors) == [md4(v) for v in vectors]
+    assert md4_many([]) == []
 
 
 def test_blocklist_keeps_each_domain_once_without_covered_subdomains() -> None:
