@@ -113,8 +113,8 @@ class ImportResult:
     bulk_backup: Path | None = None  # the slapcat backup taken before a bulk load
 
 
-def _ssha(code: str, algorithm: str = "sha512") -> str:
-    salt = secrets.token_bytes(8)
+def _ssha(code: str, algorithm: str = "sha512", salt: bytes | None = None) -> str:
+    salt = salt or secrets.token_bytes(8)
     data = code.encode() + salt
     # The named constructors: hashlib.new looks the algorithm up at every call.
     digest = (hashlib.sha512(data) if algorithm == "sha512" else hashlib.sha1(data)
@@ -123,10 +123,13 @@ def _ssha(code: str, algorithm: str = "sha512") -> str:
     return "{" + label + "}" + base64.b64encode(digest + salt).decode("ascii")
 
 
-def _code() -> str:
-    # 32 letters: the low 5 bits of a random byte pick one uniformly (secrets.choice per letter
-    # cost a second per 10 000 new accounts).
-    return "".join(CODE_ALPHABET[b & 31] for b in secrets.token_bytes(10))
+def _codes(n: int) -> list[str]:
+    """``n`` one-time codes of 10 letters from one draw of the system's random source.
+
+    32 letters: the low 5 bits of a random byte pick one uniformly (secrets.choice per letter
+    cost a second per 10 000 new accounts)."""
+    raw = secrets.token_bytes(10 * n)
+    return ["".join([CODE_ALPHABET[b & 31] for b in raw[i:i + 10]]) for i in range(0, 10 * n, 10)]
 
 
 def _generalized(now: dt.datetime) -> str:
@@ -381,8 +384,9 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     gen = _generalized(now)
     stale: list[tuple[str, str, ldif.Entry]] = []  # jointure, uai, desired entry
     # One-time codes of the new accounts, with their NT hashes computed all at once.
-    codes = [_code() for j in d.people if j not in by_jointure]
+    codes = _codes(sum(1 for j in d.people if j not in by_jointure))
     nt_of = dict(zip(codes, nt_hashes(codes), strict=True))
+    salts = secrets.token_bytes(16 * len(codes))  # two 8-byte salts per code
     for n, (jointure, p) in enumerate(sorted(d.people.items()), 1):
         if n % 20000 == 0:
             progress(f"comparing persons ({n} of {len(d.people)})")
@@ -402,8 +406,9 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             stale.append((jointure, uai, entry))
             continue
         code = codes.pop()
-        entry["ENTPersonCodeActivation"] = [_ssha(code)]
-        entry["userPassword"] = [_ssha(code, "sha1")]
+        salt = salts[16 * len(codes):16 * len(codes) + 16]
+        entry["ENTPersonCodeActivation"] = [_ssha(code, "sha512", salt[:8])]
+        entry["userPassword"] = [_ssha(code, "sha1", salt[8:])]
         # Samba on the school servers checks logins against it (entfarm/ntlm.py)
         entry["ENTPersonNTHash"] = [nt_of[code]]
         cs.ldif_parts.append(ldif.add(dn, entry))
