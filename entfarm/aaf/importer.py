@@ -383,10 +383,11 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     members: dict[str, list[str]] = {}
     gen = _generalized(now)
     stale: list[tuple[str, str, ldif.Entry]] = []  # jointure, uai, desired entry
-    # One-time codes of the new accounts, with their NT hashes computed all at once.
+    # The new accounts' one-time codes, their NT hashes computed all at once, two salts each.
     codes = _codes(sum(1 for j in d.people if j not in by_jointure))
-    nt_of = dict(zip(codes, nt_hashes(codes), strict=True))
-    salts = secrets.token_bytes(16 * len(codes))  # two 8-byte salts per code
+    salts = secrets.token_bytes(16 * len(codes))
+    fresh = iter([(code, nt, salts[16 * i:16 * i + 16]) for i, (code, nt)
+                  in enumerate(zip(codes, nt_hashes(codes), strict=True))])
     for n, (jointure, p) in enumerate(sorted(d.people.items()), 1):
         if n % 20000 == 0:
             progress(f"comparing persons ({n} of {len(d.people)})")
@@ -405,12 +406,11 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         if known is not None:
             stale.append((jointure, uai, entry))
             continue
-        code = codes.pop()
-        salt = salts[16 * len(codes):16 * len(codes) + 16]
+        code, nt, salt = next(fresh)
         entry["ENTPersonCodeActivation"] = [_ssha(code, "sha512", salt[:8])]
         entry["userPassword"] = [_ssha(code, "sha1", salt[8:])]
         # Samba on the school servers checks logins against it (entfarm/ntlm.py)
-        entry["ENTPersonNTHash"] = [nt_of[code]]
+        entry["ENTPersonNTHash"] = [nt]
         cs.ldif_parts.append(ldif.add(dn, entry))
         cs.count("people add", uai)
         classes = [v.split("$", 1)[1] for v in entry.get("ENTEleveClasses", [])]
