@@ -78,12 +78,31 @@ ensure_docker() {
     systemctl start docker || true
   fi
   if ! docker_answers; then
+    clear_stale_docker_pids
     nohup dockerd >/var/log/entfarm-dockerd.log 2>&1 &
   fi
-  for _ in $(seq 1 60); do
+  for _ in $(seq 1 90); do
     docker_answers && return 0
     sleep 1
   done
-  log "dockerd did not answer within 60 s; see /var/log/entfarm-dockerd.log"
+  log "dockerd did not answer within 90 s; the end of /var/log/entfarm-dockerd.log:"
+  tail -n 15 /var/log/entfarm-dockerd.log >&2 || true
   exit 2
+}
+
+clear_stale_docker_pids() {
+  # On a machine restored from a snapshot (or whose /run is not a tmpfs) the pid files of a
+  # daemon that no longer runs survive. dockerd then takes whatever process now holds that pid
+  # for its containerd, waits for a socket that never comes, and gives up. A pid file is kept
+  # only when its process is the daemon it names.
+  local file want pid
+  for file in /var/run/docker/containerd/containerd.pid:containerd /var/run/docker.pid:dockerd; do
+    want="${file##*:}"; file="${file%:*}"
+    [ -f "$file" ] || continue
+    pid="$(cat "$file" 2>/dev/null || true)"
+    if [ -z "$pid" ] || [ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" != "$want" ]; then
+      log "removing the stale $file (pid ${pid:-none} is not $want)"
+      rm -f "$file"
+    fi
+  done
 }
