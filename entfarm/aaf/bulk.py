@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import base64
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,12 +107,16 @@ class Plan:
         """The slapadd records: the adds without their changetype line, with memberOf."""
         for i in self.load:
             part = self.parts[i]
-            start = part.index("\n") + 1
-            record = part[:start] + part[start + len(_ADD):]
-            groups = self.member_of.get(dn_of(part).lower())
-            if groups:
-                record = record[:-1] + "".join(ldif.line(MEMBER_OF, g) for g in groups) + "\n"
-            yield record
+            yield offline_record(part, self.member_of.get(dn_of(part).lower(), ()))
+
+
+def offline_record(part: str, member_of: Iterable[str] = ()) -> str:
+    """The slapadd record of an add change record: without its changetype line, with the
+    memberOf values the overlay would have written."""
+    start = part.index("\n") + 1
+    record = part[:start] + part[start + len(_ADD):]
+    extra = "".join(ldif.line(MEMBER_OF, g) for g in member_of)
+    return record[:-1] + extra + "\n" if extra else record
 
 
 def plan(parts: list[str], base: str) -> Plan:
@@ -186,12 +192,42 @@ def _wait_ready(transport: Transport, base: str, timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
-def load(parts: list[str], base: str, target: BulkTarget, backup_dir: Path, *,
-         stamp: str, progress: Progress = lambda _line: None) -> BulkReport:
-    """Load the adds of ``parts`` offline; return the other records, for ldapmodify."""
+@dataclass
+class _Offline:
+    """slapd stopped and the database backed up: what a load, or its restoration, needs."""
+
+    target: BulkTarget
+    base: str
+    db_dir: str
+    slapadd: list[str]
+    backup: Path
+    entries: int  # in the backup
+    progress: Progress
+    timings: dict[str, float]
+
+    def fail(self, step: str, exc: BaseException) -> BulkLoadFailed:
+        """Restore the backup after ``step`` failed; the error to raise, saying so."""
+        what = str(exc) or type(exc).__name__
+        _restore(self.target, self.base, self.db_dir, self.slapadd, self.backup, self.entries,
+                 self.progress, f"{step}: {what}")
+        return BulkLoadFailed(
+            f"bulk load failed ({step}): {what}\nThe directory was restored from the backup "
+            f"taken before the load ({self.backup}, {self.entries} entries) and "
+            f"{self.target.describe()} was started again; nothing of this import was written. "
+            "Fix the cause, or import with --online")
+
+    def start_slapd(self) -> None:
+        self.progress(f"bulk load: starting {self.target.describe()}")
+        t2 = time.monotonic()
+        self.target.start()
+        _wait_ready(self.target.transport, self.base)
+        self.timings["bulk start"] = time.monotonic() - t2
+
+
+def _go_offline(base: str, target: BulkTarget, backup_dir: Path, stamp: str,
+                progress: Progress) -> _Offline:
+    """Stop slapd and back the database up (slapd started again if that fails)."""
     t = target.transport
-    timings: dict[str, float] = {}
-    todo = plan(parts, base)
     db_dir = _database_directory(t, base)
     sbin = target.sbin
     slapcat = [*target.run_as, f"{sbin}/slapcat", "-F", target.config_dir, "-b", base]
@@ -221,31 +257,111 @@ def load(parts: list[str], base: str, target: BulkTarget, backup_dir: Path, *,
                              f"nothing was changed and {where} was started again") from exc
     entries = data.count(b"\ndn: ") + data.count(b"\ndn:: ") + data.startswith(b"dn")
     del data
-    timings["bulk backup"] = time.monotonic() - t0
+    return _Offline(target, base, db_dir, slapadd, backup, entries, progress,
+                    {"bulk backup": time.monotonic() - t0})
 
+
+def load(parts: list[str], base: str, target: BulkTarget, backup_dir: Path, *,
+         stamp: str, progress: Progress = lambda _line: None) -> BulkReport:
+    """Load the adds of ``parts`` offline; return the other records, for ldapmodify."""
+    todo = plan(parts, base)
+    off = _go_offline(base, target, backup_dir, stamp, progress)
     t1 = time.monotonic()
     step = "slapadd"
     try:
         progress(f"bulk load: slapadd of {len(todo.load)} entries (offline, -q)")
-        t.run(slapadd, stdin=b"".join(r.encode("utf-8") for r in todo.records()))
-        timings["bulk slapadd"] = time.monotonic() - t1
+        target.transport.run(off.slapadd,
+                             stdin=b"".join(r.encode("utf-8") for r in todo.records()))
+        off.timings["bulk slapadd"] = time.monotonic() - t1
         step = "starting slapd"
-        progress(f"bulk load: starting {where}")
-        t2 = time.monotonic()
-        target.start()
-        _wait_ready(t, base)
-        timings["bulk start"] = time.monotonic() - t2
+        off.start_slapd()
     except BaseException as exc:
         # Whatever stopped the load (a tool, a start that does not come up, an interrupt), the
         # database may be half loaded and slapd down: restore before anything else.
-        what = str(exc) or type(exc).__name__
-        _restore(target, base, db_dir, slapadd, backup, entries, progress, f"{step}: {what}")
-        raise BulkLoadFailed(
-            f"bulk load failed ({step}): {what}\nThe directory was restored from the backup "
-            f"taken before the load ({backup}, {entries} entries) and {where} was started "
-            "again; nothing of this import was written. Fix the cause, or import with "
-            "--online") from exc
-    return BulkReport(backup, len(todo.load), todo.online, timings)
+        raise off.fail(step, exc) from exc
+    return BulkReport(off.backup, len(todo.load), todo.online, off.timings)
+
+
+class StreamingLoad:
+    """A first import's bulk load fed while its change set is being computed, so that slapadd
+    writes entries while the next ones are built (two cores, instead of one after the other).
+
+    Only for a base without persons, where every group added has only members added by the same
+    load (so their memberOf values are known when each person is fed). The caller feeds every
+    change record in order: :meth:`add` for the adds, with the memberOf values the overlay
+    would write, :meth:`keep_online` for the others (applied with ldapmodify afterwards). Then
+    :meth:`finish`, or :meth:`abandon` when computing failed: the backup is restored either way
+    if anything went wrong.
+    """
+
+    _BATCH = 2000  # records per write to slapadd's input
+
+    def __init__(self, base: str, target: BulkTarget, backup_dir: Path, *, stamp: str,
+                 people: int, progress: Progress = lambda _line: None):
+        self._off = _go_offline(base, target, backup_dir, stamp, progress)
+        self.online: list[str] = []
+        self.loaded = 0
+        self._batch: list[str] = []
+        self._t1 = time.monotonic()
+        progress(f"bulk load: slapadd of {people} persons and the structures and groups added "
+                 "with them (offline, -q), fed as their entries are built")
+        try:
+            self._running = target.transport.start(self._off.slapadd)
+        except BaseException as exc:
+            raise self._off.fail("slapadd", exc) from exc
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._write_error: OSError | None = None
+        self._writer = threading.Thread(target=self._write, name="slapadd-input", daemon=True)
+        self._writer.start()
+
+    def add(self, part: str, member_of: Iterable[str] = ()) -> None:
+        self._batch.append(offline_record(part, member_of))
+        self.loaded += 1
+        if len(self._batch) >= self._BATCH:
+            self._flush()
+
+    def keep_online(self, part: str) -> None:
+        self.online.append(part)
+
+    def _flush(self) -> None:
+        if self._batch:
+            self._queue.put("".join(self._batch).encode("utf-8"))
+            self._batch = []
+
+    def _write(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._write_error is None:
+                try:
+                    self._running.stdin.write(chunk)
+                except OSError as exc:  # slapadd stopped reading: its exit status says why
+                    self._write_error = exc
+
+    def _end_input(self) -> None:
+        self._flush()
+        self._queue.put(None)
+        self._writer.join()
+
+    def finish(self) -> BulkReport:
+        step = "slapadd"
+        try:
+            self._end_input()
+            self._running.wait()
+            if self._write_error is not None:
+                raise self._write_error
+            self._off.timings["bulk slapadd"] = time.monotonic() - self._t1
+            step = "starting slapd"
+            self._off.start_slapd()
+        except BaseException as exc:
+            raise self._off.fail(step, exc) from exc
+        return BulkReport(self._off.backup, self.loaded, self.online, self._off.timings)
+
+    def abandon(self, why: BaseException) -> BulkLoadFailed:
+        """Computing the change set failed after the load began: end slapadd's input, wait
+        for it, restore the backup; the error to raise."""
+        self._queue.put(None)
+        self._writer.join()
+        self._running.abandon()
+        return self._off.fail("computing the change set", why)
 
 
 def _start_or_say(target: BulkTarget, base: str, why: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from ..uai import uai_problem
+from . import forked
 
 FILE_RE = re.compile(
     r"^ENT_(?P<prefix>.*)_(?P<kind>Complet|Delta)_(?P<date>[0-9]{8})_(?P<category>[A-Za-z]+)"
@@ -348,48 +349,121 @@ def load(directory: Path, progress: Callable[[str], None] | None = None) -> Expo
     Nothing read is kept on disk: an export holds personal data (minors' included), which the
     controller must not accumulate beyond the directory's own retention rules.
     """
+    return start_load(directory).finish(progress)
+
+
+def start_load(directory: Path) -> Loading:
+    """Plan the export and start its parallel readers (see :class:`Loading`); a caller that
+    starts threads of its own (the importer's directory searches) does so after this."""
     with no_gc():
-        return _load(directory, progress)
+        return Loading(directory)
 
 
-def _load(directory: Path, progress: Callable[[str], None] | None) -> Export:
-    files, problems = scan(directory)
-    applied, ignored, plan_problems = plan(files)
-    export = Export(directory=directory, files=applied, ignored_files=ignored,
-                    problems=problems + plan_problems)
-    for n, f in enumerate(applied, 1):
-        if progress:
-            progress(f"reading {f.path.name} ({n} of {len(applied)})")
-        _apply_file(export, f)
-    _check_references(export)
-    return export
+class Loading:
+    """An export being read. Its files are parsed on every core: the last ones (by size) in
+    forked children started here, before the caller starts any thread, the first ones in
+    :meth:`finish`, which then applies all the records here, in the planned order, exactly as
+    if one process had read them all."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        files, problems = scan(directory)
+        self.applied, ignored, plan_problems = plan(files)
+        self.export = Export(directory=directory, files=self.applied, ignored_files=ignored,
+                             problems=problems + plan_problems)
+        sizes = [_size(f.path) for f in self.applied]
+        self.slices = (forked.split(sizes, forked.cores())
+                       if sum(sizes) >= _PARALLEL_MIN_BYTES else [(0, len(self.applied))])
+        self.children = forked.fork_each(_read_slice, [
+            [f.path for f in self.applied[a:b]] for a, b in self.slices[1:]])
+
+    def finish(self, progress: Callable[[str], None] | None = None) -> Export:
+        with no_gc():
+            try:
+                return self._finish(progress)
+            finally:
+                for child in self.children:
+                    child.cancel()
+
+    def _finish(self, progress: Callable[[str], None] | None) -> Export:
+        export, applied = self.export, self.applied
+        numbered = iter(range(1, len(applied) + 1))
+
+        def say(f: ExportFile) -> None:
+            n = next(numbered)
+            if progress:
+                progress(f"reading {f.path.name} ({n} of {len(applied)})")
+
+        start, stop = self.slices[0]
+        for f in applied[start:stop]:
+            say(f)
+            _apply_file(export, f, _read_file(f.path))
+        for child, (start, stop) in zip(self.children, self.slices[1:], strict=True):
+            for f, read in zip(applied[start:stop], child.result(), strict=True):
+                say(f)
+                _apply_file(export, f, read)
+        _check_references(export)
+        return export
 
 
-def _apply_file(export: Export, f: ExportFile) -> None:
+# Below this many bytes of export, one process reads it all (a fork costs more than it saves).
+_PARALLEL_MIN_BYTES = 8 << 20
+# What reading one file gave: its records, then the fault that ended it (None: none), as
+# ("xml", message, line) or ("os", strerror, None).
+FileRead = tuple[list[Record], tuple[str, str, int | None] | None]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_file(path: Path) -> FileRead:
+    records: list[Record] = []
+    try:
+        for record in iter_records(path):
+            records.append(record)
+    except ET.ParseError as exc:
+        return records, ("xml", str(exc), getattr(exc, "position", (None, None))[0])
+    except OSError as exc:
+        return records, ("os", exc.strerror or str(exc), None)
+    return records, None
+
+
+def _read_slice(paths: list[Path]) -> list[FileRead]:
+    return [_read_file(p) for p in paths]
+
+
+def _apply_file(export: Export, f: ExportFile, read: FileRead) -> None:
     name = str(f.path)
     delta = f.kind == "Delta"
     export.has_delta = export.has_delta or delta
+    records, fault = read
     seen = 0
-    try:
-        for request, rid, operational, attributes in iter_records(f.path):
-            seen += 1
-            op = request[: -len("Request")]
-            export.records[f"{f.category} {op}"] += 1
-            if rid is None:
-                export.problems.append(AafProblem(name, f"#{seen}", f"{request} without an id"))
-                continue
-            if f.category in NOMENCLATURE_CATEGORIES:
-                export.nomenclature[f.category] += 1
-            elif f.category == STRUCTURE_CATEGORY:
-                _apply_structure(export, name, op, rid, operational, attributes, delta)
-            else:
-                _apply_person(export, f, op, rid, operational, attributes, delta)
-    except ET.ParseError as exc:
-        line = getattr(exc, "position", (None, None))[0]
+    for request, rid, operational, attributes in records:
+        seen += 1
+        op = request[: -len("Request")]
+        export.records[f"{f.category} {op}"] += 1
+        if rid is None:
+            export.problems.append(AafProblem(name, f"#{seen}", f"{request} without an id"))
+            continue
+        if f.category in NOMENCLATURE_CATEGORIES:
+            export.nomenclature[f.category] += 1
+        elif f.category == STRUCTURE_CATEGORY:
+            _apply_structure(export, name, op, rid, operational, attributes, delta)
+        else:
+            _apply_person(export, f, op, rid, operational, attributes, delta)
+    if fault is None:
+        return
+    kind, message, line = fault
+    if kind == "xml":
         export.problems.append(AafProblem(
-            name, None, f"malformed or truncated XML after {seen} record(s): {exc}", line=line))
-    except OSError as exc:
-        export.problems.append(AafProblem(name, None, f"cannot read: {exc.strerror}"))
+            name, None, f"malformed or truncated XML after {seen} record(s): {message}",
+            line=line))
+    else:
+        export.problems.append(AafProblem(name, None, f"cannot read: {message}"))
 
 
 def _apply_structure(export: Export, file: str, op: str, rid: str, operational: Attrs,

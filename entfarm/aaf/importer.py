@@ -28,7 +28,7 @@ from ..model import Farm
 from ..ntlm import nt_hashes
 from . import bulk as bulk_load
 from . import ldif
-from .export import Export, load, no_gc
+from .export import Export, no_gc, start_load
 from .mapping import (
     AAF_GROUP,
     GROUP_ATTRIBUTES,
@@ -306,7 +306,9 @@ def reads(base: str, full_compare: bool = False) -> list[Query]:
 def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetime,
             max_deactivate: float, force: bool, remembered: dict[str, str],
             progress: Progress, full_compare: bool = False,
-            scope: Collection[str] | None = None, held: Collection[str] = ()) -> ChangeSet:
+            scope: Collection[str] | None = None, held: Collection[str] = (),
+            stream: Callable[[int], bulk_load.StreamingLoad | None] | None = None
+            ) -> ChangeSet:
     """The change set; raises ImportRefused before anything is written.
 
     A person whose stored digest (ENTPersonEmpreinte) equals the digest of what the export says
@@ -317,6 +319,10 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     out on purpose (a wave rollback): their accounts are deactivated without the
     ``max_deactivate`` refusal, and neither purged nor stripped of their groups, so that
     re-onboarding finds them as they were.
+
+    ``stream``: asked, when the base holds no person yet, whether to bulk-load this first
+    import while it is computed (given the number of persons to add); the
+    :class:`bulk_load.StreamingLoad` it returns is fed every change record, in order.
     """
     base = farm.spec.academie.base_dn
     d: Desired = desired_state(export, farm, scope)
@@ -388,11 +394,18 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     salts = secrets.token_bytes(16 * len(codes))
     fresh = iter([(code, nt, salts[16 * i:16 * i + 16]) for i, (code, nt)
                   in enumerate(zip(codes, nt_hashes(codes), strict=True))])
+    # A first import may be loaded while it is computed (every person is then an add, and so
+    # is every group not yet in the directory, with only those persons as members).
+    loader = stream(len(d.people)) if stream is not None and not by_jointure else None
+    if loader is not None:
+        for part in cs.ldif_parts:
+            (loader.add if bulk_load.is_add(part) else loader.keep_online)(part)
     for n, (jointure, p) in enumerate(sorted(d.people.items()), 1):
         if n % 20000 == 0:
             progress(f"comparing persons ({n} of {len(d.people)})")
         dn = d.people_dn(logins[jointure])
-        for cn in group_memberships(d, p):
+        joined = group_memberships(d, p)
+        for cn in joined:
             members.setdefault(cn, []).append(dn)
         fingerprint = digest(d, p, logins)
         known = by_jointure.get(jointure)
@@ -412,12 +425,16 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         # Samba on the school servers checks logins against it (entfarm/ntlm.py)
         entry["ENTPersonNTHash"] = [nt]
         cs.ldif_parts.append(ldif.add(dn, entry))
+        if loader is not None:
+            loader.add(cs.ldif_parts[-1], [g for g in dict.fromkeys(map(d.group_dn, joined))
+                                           if g not in groups])
         cs.count("people add", uai)
         classes = [v.split("$", 1)[1] for v in entry.get("ENTEleveClasses", [])]
         cs.new_accounts.append(NewAccount(
             [d.sid_uai[s] for s in p.sids], logins[jointure], entry["sn"][0],
             (entry.get("givenName") or [""])[0], p.label, " ".join(classes), code))
 
+    after_people = len(cs.ldif_parts)
     current_of = _current_entries(directory, q_people[0], stale, by_jointure, full_compare,
                                   progress)
     for jointure, uai, entry in stale:
@@ -466,6 +483,9 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             cs.ldif_parts.append(ldif.delete(dn))
             cs.count("groups delete", cn.split("$")[0])
     cs.ldif_parts += [ldif.delete(dn) for dn in purges]
+    if loader is not None:
+        for part in cs.ldif_parts[after_people:]:
+            (loader.add if bulk_load.is_add(part) else loader.keep_online)(part)
     return cs
 
 
@@ -563,10 +583,13 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
     now = now or dt.datetime.now(dt.UTC)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    # The directory is read while the export is parsed; compute() takes these results.
+    # The export's readers fork before any thread starts; the directory is then read while the
+    # export is parsed, and compute() takes those results.
+    loading = start_load(path) if export is None else None
     directory.prefetch(reads(farm.spec.academie.base_dn, full_compare))
-    if export is None:
-        export = load(path, progress=progress)
+    if loading is not None:
+        export = loading.finish(progress)
+    assert export is not None
     timings["read"] = time.monotonic() - t0
     if export.blocking:
         shown = "\n".join(p.render() for p in export.blocking[:20])
@@ -577,15 +600,34 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
             + (f"\n… and {more} more (entfarm aaf check {path})" if more > 0 else ""))
     state = farm.state_dir
     logins_file = state / "aaf" / "logins.json"
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    streaming: list[bulk_load.StreamingLoad] = []
+
+    def stream(people: int) -> bulk_load.StreamingLoad | None:
+        """A first import goes offline while it is computed: the automatic rule of use_bulk,
+        or --bulk, decided before its persons are built."""
+        if dry_run or bulk is False or bulk_target is None or people == 0:
+            return None
+        if bulk is None and people < BULK_MIN_ADDS:
+            return None
+        streaming.append(bulk_load.StreamingLoad(
+            farm.spec.academie.base_dn, bulk_target, state / "aaf" / "backups", stamp=stamp,
+            people=people, progress=progress))
+        return streaming[0]
+
     t1 = time.monotonic()
-    cs = compute(export, farm, directory, now=now, max_deactivate=max_deactivate, force=force,
-                 remembered=_read_logins(logins_file), progress=progress,
-                 full_compare=full_compare, scope=scope, held=held)
+    try:
+        cs = compute(export, farm, directory, now=now, max_deactivate=max_deactivate,
+                     force=force, remembered=_read_logins(logins_file), progress=progress,
+                     full_compare=full_compare, scope=scope, held=held, stream=stream)
+    except BaseException as exc:
+        if streaming:
+            raise streaming[0].abandon(exc) from exc
+        raise
     timings["compare"] = time.monotonic() - t1
     if dry_run:
         return ImportResult(cs, False, None, [], timings)
     t2 = time.monotonic()
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
     record: dict[str, Any] = {
         "started": now.isoformat(), "export": str(path),
         "files": [f.path.name for f in export.files], "counts": dict(cs.counts),
@@ -593,7 +635,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
         "force": force, "max_deactivate": max_deactivate, "full_compare": full_compare,
         "scope": None if scope is None else sorted(scope), "held": sorted(held),
     }
-    offline = use_bulk(cs, bulk, bulk_target)
+    offline = bool(streaming) or use_bulk(cs, bulk, bulk_target)
     backup: Path | None = None
     record["bulk"] = offline
     if cs.changes:
@@ -601,9 +643,9 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
             online = cs.ldif_parts
             if offline:
                 assert bulk_target is not None  # use_bulk says so
-                report = bulk_load.load(cs.ldif_parts, farm.spec.academie.base_dn, bulk_target,
-                                        state / "aaf" / "backups", stamp=stamp,
-                                        progress=progress)
+                report = (streaming[0].finish() if streaming else bulk_load.load(
+                    cs.ldif_parts, farm.spec.academie.base_dn, bulk_target,
+                    state / "aaf" / "backups", stamp=stamp, progress=progress))
                 backup = report.backup
                 record["bulk_backup"] = str(backup)
                 timings.update(report.timings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import tempfile
 from typing import Protocol
 
 from ..errors import UserError
@@ -30,6 +31,52 @@ class Transport(Protocol):
             ) -> bytes: ...
 
     def describe(self) -> str: ...
+
+    def start(self, argv: list[str]) -> Running: ...
+
+
+class Running:
+    """A tool started with its input still to come (``stdin``); :meth:`wait` raises a
+    :class:`TransportError` as :meth:`Transport.run` does when it fails."""
+
+    def __init__(self, argv: list[str], command: list[str], where: str):
+        self.tool = argv[0]
+        self.where = where
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self._proc = subprocess.Popen(command, stdin=subprocess.PIPE,
+                                          stdout=subprocess.DEVNULL, stderr=self._stderr)
+        except FileNotFoundError as exc:
+            self._stderr.close()
+            raise UserError(f"cannot run {command[0]!r}: {exc.strerror}") from exc
+        assert self._proc.stdin is not None
+        self.stdin = self._proc.stdin
+
+    def wait(self) -> None:
+        try:
+            try:
+                self.stdin.close()
+            except OSError:  # it exited without reading everything: its status says why
+                pass
+            code = self._proc.wait()
+            if code != 0:
+                self._stderr.seek(0)
+                err = self._stderr.read().decode("utf-8", "replace").strip()[-2000:]
+                raise TransportError(
+                    f"{self.tool} failed on {self.where} (exit {code}): {err}", code)
+        finally:
+            self._stderr.close()
+
+    def abandon(self) -> None:
+        """End its input and wait for it, whatever it then says. Not a kill: killing the local
+        client (``docker exec``, ``ssh``) would leave the tool running on the host, where the
+        caller is about to undo what it wrote."""
+        try:
+            self.stdin.close()
+        except OSError:
+            pass
+        self._proc.wait()
+        self._stderr.close()
 
 
 class LocalTransport:
@@ -58,6 +105,10 @@ class LocalTransport:
                 f"{argv[0]} failed on {self.describe()} (exit {done.returncode}): {err}",
                 done.returncode)
         return done.stdout
+
+    def start(self, argv: list[str]) -> Running:
+        command = [*self.prefix, shlex.join(argv)] if self.quote else [*self.prefix, *argv]
+        return Running(argv, command, self.describe())
 
 
 def for_farm(farm: Farm) -> LocalTransport:

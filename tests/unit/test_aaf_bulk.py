@@ -7,8 +7,9 @@ import datetime as dt
 import re
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aaf_conftest import REPO, Slapd, slapd
@@ -165,6 +166,72 @@ def test_failing_slapadd_restores_the_directory(
     assert Directory(directory.t, "dc=fr").dump() == before_all
     [run] = sorted((farm.state_dir / "aaf" / "runs").glob("*.json"))[-1:]
     assert '"status": "failed"' in run.read_text(encoding="utf-8")
+
+
+def test_first_import_streamed_into_a_failing_slapadd_restores_the_directory(
+        export: Path, slapd: Slapd, spy: _Spy, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first import feeds slapadd while its entries are built: a record slapadd refuses in
+    the middle (entries already written before it, more sent after it) restores the base."""
+    directory = slapd.new_base()
+    farm = _farm(directory, tmp_path / "inv")
+    before_base = directory.dump()
+    before_all = Directory(directory.t, "dc=fr").dump()
+    monkeypatch.setattr(bulk.StreamingLoad, "_BATCH", 10)
+    real = bulk.offline_record
+    fed: list[str] = []
+
+    def one_refused(part: str, member_of: Iterable[str] = ()) -> str:
+        fed.append(part)
+        if len(fed) == 60:
+            return (f"dn: cn=broken,ou=groups,{directory.base}\nobjectClass: noSuchClass\n"
+                    "cn: broken\n\n")
+        return real(part, member_of)
+
+    monkeypatch.setattr(bulk, "offline_record", one_refused)
+    monkeypatch.setattr(importer, "BULK_MIN_ADDS", 50)  # the automatic rule, at a test's scale
+    with pytest.raises(BulkLoadFailed) as caught:
+        run_import(export, farm, directory, now=NOW, bulk_target=spy.build())
+    message = str(caught.value)
+    assert "bulk load failed (slapadd)" in message and "noSuchClass" in message
+    assert "restored from the backup" in message and spy.stops >= 1
+    assert len(fed) > 100  # the failure came mid-stream, with records still to come
+    assert directory.dump() == before_base
+    assert Directory(directory.t, "dc=fr").dump() == before_all
+    [run] = sorted((farm.state_dir / "aaf" / "runs").glob("*.json"))[-1:]
+    assert '"status": "failed"' in run.read_text(encoding="utf-8")
+
+
+def test_a_failure_while_a_first_import_is_streamed_restores_the_directory(
+        export: Path, slapd: Slapd, spy: _Spy, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the entries fails after slapadd has written some: the base is restored, slapd
+    is serving again, and the same import then succeeds."""
+    directory = slapd.new_base()
+    farm = _farm(directory, tmp_path / "inv")
+    before_all = Directory(directory.t, "dc=fr").dump()
+    monkeypatch.setattr(bulk.StreamingLoad, "_BATCH", 10)
+    real = importer.person_entry
+    built: list[int] = []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        built.append(1)
+        if len(built) == 80:
+            raise RuntimeError("simulated failure while building entries")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(importer, "person_entry", failing)
+    with pytest.raises(BulkLoadFailed) as caught:
+        run_import(export, farm, directory, now=NOW, bulk=True, bulk_target=spy.build())
+    message = str(caught.value)
+    assert "bulk load failed (computing the change set): simulated failure" in message
+    assert "restored from the backup" in message and spy.stops >= 1
+    assert Directory(directory.t, "dc=fr").dump() == before_all
+    monkeypatch.setattr(importer, "person_entry", real)
+    again = run_import(export, farm, directory, now=NOW, bulk=True, bulk_target=spy.build())
+    assert again.bulk_backup is not None and again.changes.counts["people add"] > 100
+    people = directory.search(f"ou=people,{directory.base}", "(ENTPersonJointure=*)", ("uid",))
+    assert len(people) == again.changes.counts["people add"]
 
 
 def test_slapd_not_coming_back_after_the_load_restores_the_directory(
