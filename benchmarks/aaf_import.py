@@ -18,8 +18,8 @@ measures, each importer run in a child process so that its peak RSS is its own:
 ``--lab`` targets the lab's directory container (entfarm-lab-idp) through the farm's docker-exec
 transport with the real CLI (``python -m entfarm.cli aaf import``); the reference stays a local
 slapadd on this host (same machine, the container shares its kernel and disks). Its full import
-takes the CLI's bulk path, which stops and starts the lab's slapd (systemctl in the container):
-not run yet; ``--online`` keeps slapd up.
+takes the CLI's bulk path, which stops and starts the lab's slapd (systemctl in the container);
+``--online`` keeps slapd up. It needs an empty ``ou=people`` (docs/performance.md says how).
 
     .venv/bin/python benchmarks/aaf_import.py                 # ~100 000 persons, local slapd
     .venv/bin/python benchmarks/aaf_import.py --persons 20000 # quicker

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from entfarm.aaf import export as export_module
+from entfarm.aaf import forked
 from entfarm.aaf.export import load
 from entfarm.aaf.generate import add_request, generate, generate_delta
 from entfarm.aaf.mapping import allocate_logins, fold, login_base
@@ -144,3 +145,55 @@ def test_whole_file_and_streamed_reading_give_the_same_records_and_faults(
     assert all(error for _records, error in whole[1:])
     assert whole[1][0] and whole[2][0]  # the records before the fault are read
     assert "expected <ficAlimMENESR>" in (whole[3][1] or "")
+
+
+def _summary(export: export_module.Export) -> tuple[object, ...]:
+    return ({i: (p.category, p.attrs, p.file) for i, p in export.persons.items()},
+            export.structures, sorted(export.deleted), [f.path.name for f in export.files],
+            [p.render() for p in export.problems], dict(export.records))
+
+
+def test_reading_on_several_cores_gives_what_one_process_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last files parsed in forked children, the records applied in the planned order: the
+    same export, problems included, as one process reading every file (here with a Delta and a
+    truncated file in a child's share; the Complet's parents and the Delta that changes them
+    in two different children)."""
+    feed = tmp_path / "feed"
+    generate([("0360005K", "Collège A", "036"), ("0450040Z", "Collège B", "045")],
+             feed, date="20250901", seed=5, eleves_per_college=60)
+    generate_delta(feed, feed, seed=6, share=0.1)
+    staff = next(feed.glob("*_Complet_*_PersEducNat_*.xml"))
+    body = staff.read_bytes()
+    staff.write_bytes(body[:body.rfind(b"<addRequest") + 25])  # truncated after some records
+    monkeypatch.setattr(forked, "cores", lambda: 1)
+    alone = load(feed)
+    forks: list[object] = []
+    real_fork = forked.fork_each
+
+    def counted(fn: object, args: list[object]) -> object:
+        forks.extend(args)
+        return real_fork(fn, args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(forked, "fork_each", counted)
+    monkeypatch.setattr(forked, "cores", lambda: 4)
+    monkeypatch.setattr(export_module, "_PARALLEL_MIN_BYTES", 0)
+    shared = load(feed)
+    # Three children: the Complet's staff, its parents, the Delta (split by size).
+    assert [[p.name.split("_")[2] for p in paths] for paths in forks] == [  # type: ignore[attr-defined]
+        ["Complet"], ["Complet"], ["Delta", "Delta", "Delta"]]
+    assert _summary(shared) == _summary(alone)
+    assert any("malformed or truncated XML" in p.message for p in shared.problems)
+    assert len(shared.persons) > 200 and shared.has_delta
+
+
+def test_split_cuts_contiguous_slices_of_about_equal_weight() -> None:
+    split = forked.split
+    assert split([], 2) == []
+    assert split([5], 3) == [(0, 1)]
+    assert split([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
+    assert split([10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [(0, 1), (1, 11)]
+    slices = split([3, 1, 4, 1, 5, 9, 2, 6], 3)
+    assert slices[0][0] == 0 and slices[-1][1] == 8 and len(slices) == 3
+    assert all(a < b for a, b in slices)
+    assert all(slices[i][1] == slices[i + 1][0] for i in range(len(slices) - 1))
