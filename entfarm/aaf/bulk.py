@@ -313,6 +313,7 @@ class StreamingLoad:
         self._write_error: OSError | None = None
         self._writer = threading.Thread(target=self._write, name="slapadd-input", daemon=True)
         self._writer.start()
+        self.ended = False  # finish() or abandon() ran: the directory is online again
 
     def add(self, part: str, member_of: Iterable[str] = ()) -> None:
         self._batch.append(offline_record(part, member_of))
@@ -342,6 +343,7 @@ class StreamingLoad:
         self._writer.join()
 
     def finish(self) -> BulkReport:
+        self.ended = True
         step = "slapadd"
         try:
             self._end_input()
@@ -358,6 +360,7 @@ class StreamingLoad:
     def abandon(self, why: BaseException) -> BulkLoadFailed:
         """Computing the change set failed after the load began: end slapadd's input, wait
         for it, restore the backup; the error to raise."""
+        self.ended = True
         self._queue.put(None)
         self._writer.join()
         self._running.abandon()

@@ -620,64 +620,65 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
         cs = compute(export, farm, directory, now=now, max_deactivate=max_deactivate,
                      force=force, remembered=_read_logins(logins_file), progress=progress,
                      full_compare=full_compare, scope=scope, held=held, stream=stream)
+        timings["compare"] = time.monotonic() - t1
+        if dry_run:
+            return ImportResult(cs, False, None, [], timings)
+        t2 = time.monotonic()
+        record: dict[str, Any] = {
+            "started": now.isoformat(), "export": str(path),
+            "files": [f.path.name for f in export.files], "counts": dict(cs.counts),
+            "per_uai": {u: dict(c) for u, c in cs.per_uai.items()}, "skipped": dict(cs.skipped),
+            "force": force, "max_deactivate": max_deactivate, "full_compare": full_compare,
+            "scope": None if scope is None else sorted(scope), "held": sorted(held),
+        }
+        offline = bool(streaming) or use_bulk(cs, bulk, bulk_target)
+        backup: Path | None = None
+        record["bulk"] = offline
+        if cs.changes or streaming:
+            try:
+                online = cs.ldif_parts
+                if offline:
+                    assert bulk_target is not None  # use_bulk says so
+                    report = (streaming[0].finish() if streaming else bulk_load.load(
+                        cs.ldif_parts, farm.spec.academie.base_dn, bulk_target,
+                        state / "aaf" / "backups", stamp=stamp, progress=progress))
+                    backup = report.backup
+                    record["bulk_backup"] = str(backup)
+                    timings.update(report.timings)
+                    online = report.online
+                if online:
+                    progress(f"applying {len(online)} change(s) with ldapmodify "
+                             f"(up to {directory.streams} side by side)")
+                    try:
+                        directory.apply_parts(online)
+                    except UserError as exc:
+                        if backup is None:
+                            raise _partly_applied(exc, state, cs, stamp, directory, record) \
+                                from exc
+                        # The loaded accounts are in the directory: keep their logins and
+                        # one-time codes, which a second run could not give again.
+                        written = _keep_accounts(state, cs, stamp)
+                        record["distribution"] = [str(p) for p in written]
+                        raise UserError(
+                            f"{exc}\nThe bulk load before it succeeded (its backup: {backup}; "
+                            f"distribution files of its new accounts written: {len(written)}); "
+                            "running the same import again applies the changes still missing") \
+                            from exc
+            except UserError as exc:
+                record["status"] = "failed"
+                record["error"] = str(exc)
+                _write_run(state, stamp, record)
+                raise
+        timings["apply"] = time.monotonic() - t2
+        distribution = _keep_accounts(state, cs, stamp)
+        record.update(status="ok", timings=timings, distribution=[str(p) for p in distribution])
+        run = _write_run(state, stamp, record)
+        return ImportResult(cs, True, run, distribution, timings, backup)
     except BaseException as exc:
-        if streaming:
+        # Offline and fed, but neither finished nor restored (an error, an interrupt): restore.
+        if streaming and not streaming[0].ended:
             raise streaming[0].abandon(exc) from exc
         raise
-    timings["compare"] = time.monotonic() - t1
-    if dry_run:
-        return ImportResult(cs, False, None, [], timings)
-    t2 = time.monotonic()
-    record: dict[str, Any] = {
-        "started": now.isoformat(), "export": str(path),
-        "files": [f.path.name for f in export.files], "counts": dict(cs.counts),
-        "per_uai": {u: dict(c) for u, c in cs.per_uai.items()}, "skipped": dict(cs.skipped),
-        "force": force, "max_deactivate": max_deactivate, "full_compare": full_compare,
-        "scope": None if scope is None else sorted(scope), "held": sorted(held),
-    }
-    offline = bool(streaming) or use_bulk(cs, bulk, bulk_target)
-    backup: Path | None = None
-    record["bulk"] = offline
-    if cs.changes:
-        try:
-            online = cs.ldif_parts
-            if offline:
-                assert bulk_target is not None  # use_bulk says so
-                report = (streaming[0].finish() if streaming else bulk_load.load(
-                    cs.ldif_parts, farm.spec.academie.base_dn, bulk_target,
-                    state / "aaf" / "backups", stamp=stamp, progress=progress))
-                backup = report.backup
-                record["bulk_backup"] = str(backup)
-                timings.update(report.timings)
-                online = report.online
-            if online:
-                progress(f"applying {len(online)} change(s) with ldapmodify "
-                         f"(up to {directory.streams} side by side)")
-                try:
-                    directory.apply_parts(online)
-                except UserError as exc:
-                    if backup is None:
-                        raise _partly_applied(exc, state, cs, stamp, directory, record) \
-                            from exc
-                    # The loaded accounts are in the directory: keep their logins and
-                    # one-time codes, which a second run could not give again.
-                    written = _keep_accounts(state, cs, stamp)
-                    record["distribution"] = [str(p) for p in written]
-                    raise UserError(
-                        f"{exc}\nThe bulk load before it succeeded (its backup: {backup}; "
-                        f"distribution files of its new accounts written: {len(written)}); "
-                        "running the same import again applies the changes still missing") \
-                        from exc
-        except UserError as exc:
-            record["status"] = "failed"
-            record["error"] = str(exc)
-            _write_run(state, stamp, record)
-            raise
-    timings["apply"] = time.monotonic() - t2
-    distribution = _keep_accounts(state, cs, stamp)
-    record.update(status="ok", timings=timings, distribution=[str(p) for p in distribution])
-    run = _write_run(state, stamp, record)
-    return ImportResult(cs, True, run, distribution, timings, backup)
 
 
 def _partly_applied(exc: UserError, state: Path, cs: ChangeSet, stamp: str,
