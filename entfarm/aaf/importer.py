@@ -348,32 +348,9 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     by_jointure = {e["ENTPersonJointure"][0]: (dn, e) for dn, e in people.items()
                    if e.get("ENTPersonJointure")}
     cs.people_before = len(people)
-    existing = {j: (e.get("ENTPersonLogin") or e.get("uid") or [""])[0]
-                for j, (_dn, e) in by_jointure.items()}
+    existing = {j: _login_of(dn, e) for j, (dn, e) in by_jointure.items()}
     logins = allocate_logins(d, existing, remembered)
     cs.logins = logins
-
-    # Refusal: too many deactivations in one établissement.
-    active: Counter[str] = Counter()
-    leaving: Counter[str] = Counter()
-    for j, (_dn, e) in by_jointure.items():
-        if (e.get("ENTPersonEtat") or ["ACTIF"])[0] == "DESACTIVE":
-            continue
-        for uai in _uais_of(e):
-            active[uai] += 1
-            if j not in d.people:
-                leaving[uai] += 1
-    if not force:
-        for uai, n in sorted(leaving.items()):
-            if uai in held:
-                continue
-            share = n / active[uai]
-            if share > max_deactivate:
-                raise ImportRefused(
-                    f"refusing to import: it would deactivate {n} of the {active[uai]} active "
-                    f"accounts of {uai} ({share:.1%}), more than the allowed "
-                    f"{max_deactivate:.0%}; check the export, then re-run with --force to "
-                    "deactivate them anyway (or raise --max-deactivate)")
 
     for dn, entry in d.structures.items():
         uai = entry["ENTStructureUAI"][0]
@@ -435,8 +412,48 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             (entry.get("givenName") or [""])[0], p.label, " ".join(classes), code))
 
     after_people = len(cs.ldif_parts)
-    current_of = _current_entries(directory, q_people[0], stale, by_jointure, full_compare,
-                                  progress)
+    # The établissements of each person the directory holds: those of the export where the
+    # stored digest matched (it covers them), read from the directory for everyone else that
+    # needs them: the persons to rewrite, those leaving, and those the retention may purge.
+    purge_before = _generalized(_months_before(now, farm.spec.farm.retention_months))
+    leaving_jointures = [j for j, (_dn, e) in by_jointure.items() if j not in d.people and (
+        (e.get("ENTPersonEtat") or ["ACTIF"])[0] != "DESACTIVE"
+        or (e.get("ENTPersonDateDesactivation") or [gen])[0] < purge_before)]
+    current_of = _current_entries(directory, q_people[0], [j for j, _u, _e in stale],
+                                  leaving_jointures, by_jointure, full_compare, progress)
+
+    def uais_of(jointure: str) -> list[str]:
+        dn, e = by_jointure[jointure]
+        read = current_of.get(dn)
+        if read is not None:
+            return _uais_of(read)
+        p = d.people.get(jointure)
+        if p is None:  # not found by the targeted read (gone meanwhile): what the state says
+            return _uais_of(e)
+        return list(dict.fromkeys(d.sid_uai[s] for s in p.sids))  # its digest covers them
+
+    # Refusal: too many deactivations in one établissement (nothing is written before).
+    active: Counter[str] = Counter()
+    leaving: Counter[str] = Counter()
+    for j, (_dn, e) in by_jointure.items():
+        if (e.get("ENTPersonEtat") or ["ACTIF"])[0] == "DESACTIVE":
+            continue
+        for uai in uais_of(j):
+            active[uai] += 1
+            if j not in d.people:
+                leaving[uai] += 1
+    if not force:
+        for uai, n in sorted(leaving.items()):
+            if uai in held:
+                continue
+            share = n / active[uai]
+            if share > max_deactivate:
+                raise ImportRefused(
+                    f"refusing to import: it would deactivate {n} of the {active[uai]} active "
+                    f"accounts of {uai} ({share:.1%}), more than the allowed "
+                    f"{max_deactivate:.0%}; check the export, then re-run with --force to "
+                    "deactivate them anyway (or raise --max-deactivate)")
+
     for jointure, uai, entry in stale:
         current_dn = by_jointure[jointure][0]
         current = current_of.get(current_dn, {})
@@ -448,20 +465,18 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             was_off = (current.get("ENTPersonEtat") or [""])[0] == "DESACTIVE"
             cs.count("people reactivate" if was_off else "people modify", uai)
 
-    purge_before = _generalized(_months_before(now, farm.spec.farm.retention_months))
     purges: list[str] = []
     for jointure, (dn, e) in sorted(by_jointure.items()):
         if jointure in d.people:
             continue
-        uai = _uais_of(e)[0]
         if (e.get("ENTPersonEtat") or ["ACTIF"])[0] != "DESACTIVE":
             cs.ldif_parts.append(ldif.modify(dn, {"ENTPersonEtat": ["DESACTIVE"],
                                                   "ENTPersonDateDesactivation": [gen]}))
-            cs.count("people deactivate", uai)
+            cs.count("people deactivate", uais_of(jointure)[0])
         elif (e.get("ENTPersonDateDesactivation") or [gen])[0] < purge_before and not (
-                held and set(_uais_of(e)) & set(held)):
+                held and set(uais_of(jointure)) & set(held)):
             purges.append(dn)
-            cs.count("people purge", uai)
+            cs.count("people purge", uais_of(jointure)[0])
 
     for cn, dns in sorted(members.items()):
         dn = d.group_dn(cn)
@@ -489,19 +504,34 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     return cs
 
 
-def _current_entries(directory: Directory, people_base: str,
-                     stale: list[tuple[str, str, ldif.Entry]],
-                     by_jointure: dict[str, tuple[str, ldif.Entry]], full_compare: bool,
-                     progress: Progress) -> dict[str, ldif.Entry]:
-    """DN -> owned attributes of the persons to compare attribute by attribute."""
-    if full_compare or not stale:
+def _current_entries(directory: Directory, people_base: str, stale: list[str],
+                     leaving: list[str], by_jointure: dict[str, tuple[str, ldif.Entry]],
+                     full_compare: bool, progress: Progress) -> dict[str, ldif.Entry]:
+    """DN -> owned attributes of the persons to compare attribute by attribute (``stale``) and
+    of those leaving or to purge (``leaving``: their établissements), by jointure."""
+    if full_compare:
         return {dn: e for dn, e in by_jointure.values()}
+    wanted = stale + leaving
+    if not wanted:
+        return {}
     attrs = (*PERSON_ATTRIBUTES, "uid")
-    if len(stale) > _TARGETED_READ_MAX_SHARE * len(by_jointure):
-        progress(f"reading {len(by_jointure)} person entries in full ({len(stale)} changed)")
+    if len(wanted) > _TARGETED_READ_MAX_SHARE * len(by_jointure):
+        progress(f"reading {len(by_jointure)} person entries in full ({len(stale)} changed, "
+                 f"{len(leaving)} leaving or to purge)")
         return directory.search(people_base, "(ENTPersonJointure=*)", attrs, "one")
-    progress(f"reading {len(stale)} changed person entries in full")
-    return directory.people_by_jointure([j for j, _u, _e in stale], attrs)
+    progress(f"reading {len(stale)} changed person entries in full, and {len(leaving)} "
+             "leaving or to purge")
+    return directory.people_by_jointure(wanted, attrs)
+
+
+def _login_of(dn: str, entry: ldif.Entry) -> str:
+    """A person's login: ENTPersonLogin, else the value of a ``uid=`` RDN (the importer's DNs;
+    logins hold no character that a DN escapes)."""
+    login = (entry.get("ENTPersonLogin") or [""])[0]
+    if login:
+        return login
+    name, _, value = dn.split(",", 1)[0].partition("=")
+    return value if name.strip().lower() == "uid" else ""
 
 
 def _read_logins(path: Path) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import stat
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from aaf_conftest import REPO, Slapd, slapd
 
 from entfarm.aaf.generate import generate, generate_delta, modify_request
 from entfarm.aaf.importer import Directory, ImportRefused, run_import
+from entfarm.aaf.ldif import target
 from entfarm.errors import UserError
 from entfarm.model import Farm, load_farm
 
@@ -214,6 +216,44 @@ def test_refuses_mass_deactivation_unless_forced(export: Path, farm: Farm,
     assert f"accounts of {UAI}" in message and "--force" in message and "10%" in message
     forced = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1), force=True)
     assert forced.changes.counts["people deactivate"] > 0
+
+
+def test_the_guard_and_the_counts_take_each_persons_etablissements_from_the_directory(
+        farm: Farm, directory: Directory, tmp_path: Path) -> None:
+    """The import reads only its persons' state and digest; their établissements come from the
+    export where the digest matches and are read for the others. The guard's figures and the
+    per-UAI counts must still be those of the directory's ENTPersonEtablissements (two
+    onboarded collèges sharing staff, a Delta with departures, arrivals and moves)."""
+    feed = tmp_path / "two"
+    generate([(UAI, "Collège Les Capucins", "036"), ("0450040Z", "Collège B", "045")],
+             feed, date="20250901", seed=9, eleves_per_college=40)
+    run_import(feed, farm, directory, now=NOW)
+    generate_delta(feed, feed, seed=10, share=0.3)
+    stored = directory.search(f"ou=people,{directory.base}", "(ENTPersonJointure=*)",
+                            ("ENTPersonEtablissements",))
+    dry = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1), dry_run=True,
+                     force=True)
+    leaving_dns = {target(part)[0].lower() for part in dry.changes.ldif_parts
+                   if "\nENTPersonEtat: DESACTIVE\n" in part}
+    assert leaving_dns
+
+    def uais(entry: dict[str, list[str]]) -> list[str]:
+        return [v.split(",")[0].split("=")[1] for v in entry["ENTPersonEtablissements"]]
+
+    active: Counter[str] = Counter()
+    leaving: Counter[str] = Counter()
+    for dn, entry in stored.items():
+        for uai in uais(entry):
+            active[uai] += 1
+            leaving[uai] += dn.lower() in leaving_dns
+    assert len(active) == 2 and all(leaving.values())
+    first = min(u for u in leaving if leaving[u] / active[u] > 0.10)
+    message = _refused(feed, farm, directory)
+    assert (f"it would deactivate {leaving[first]} of the {active[first]} active accounts "
+            f"of {first}") in message
+    expected = Counter(uais(e)[0] for dn, e in stored.items() if dn.lower() in leaving_dns)
+    assert {u: c["people deactivate"] for u, c in dry.changes.per_uai.items()
+            if c["people deactivate"]} == dict(expected)
 
 
 def test_dry_run_writes_nothing(export: Path, farm: Farm, directory: Directory) -> None:
