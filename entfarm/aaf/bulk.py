@@ -288,8 +288,9 @@ class StreamingLoad:
 
     Only for a base without persons, where every group added has only members added by the same
     load (so their memberOf values are known when each person is fed). The caller feeds every
-    change record in order: :meth:`add` for the adds, with the memberOf values the overlay
-    would write, :meth:`keep_online` for the others (applied with ldapmodify afterwards). Then
+    change record in order: :meth:`add` for the persons, with the memberOf values the overlay
+    would write, :meth:`feed` for the others (adds loaded as they are, the rest kept for
+    ldapmodify afterwards). Then
     :meth:`finish`, or :meth:`abandon` when computing failed: the backup is restored either way
     if anything went wrong.
     """
@@ -323,6 +324,13 @@ class StreamingLoad:
 
     def keep_online(self, part: str) -> None:
         self.online.append(part)
+
+    def feed(self, part: str) -> None:
+        """An add without memberOf to load, any other record to keep for ldapmodify."""
+        if is_add(part):
+            self.add(part)
+        else:
+            self.keep_online(part)
 
     def _flush(self) -> None:
         if self._batch:

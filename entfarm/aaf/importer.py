@@ -376,7 +376,7 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     loader = stream(len(d.people)) if stream is not None and not by_jointure else None
     if loader is not None:
         for part in cs.ldif_parts:
-            (loader.add if bulk_load.is_add(part) else loader.keep_online)(part)
+            loader.feed(part)
     for n, (jointure, p) in enumerate(sorted(d.people.items()), 1):
         if n % 20000 == 0:
             progress(f"comparing persons ({n} of {len(d.people)})")
@@ -500,7 +500,7 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     cs.ldif_parts += [ldif.delete(dn) for dn in purges]
     if loader is not None:
         for part in cs.ldif_parts[after_people:]:
-            (loader.add if bulk_load.is_add(part) else loader.keep_online)(part)
+            loader.feed(part)
     return cs
 
 

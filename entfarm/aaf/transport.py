@@ -23,6 +23,11 @@ class TransportError(UserError):
         super().__init__(message)
         self.returncode = returncode
 
+    @classmethod
+    def of(cls, tool: str, where: str, returncode: int, stderr: bytes) -> TransportError:
+        err = stderr.decode("utf-8", "replace").strip()[-2000:]
+        return cls(f"{tool} failed on {where} (exit {returncode}): {err}", returncode)
+
 
 class Transport(Protocol):
     uri: str  # LDAP URI as seen from where the commands run
@@ -61,9 +66,7 @@ class Running:
             code = self._proc.wait()
             if code != 0:
                 self._stderr.seek(0)
-                err = self._stderr.read().decode("utf-8", "replace").strip()[-2000:]
-                raise TransportError(
-                    f"{self.tool} failed on {self.where} (exit {code}): {err}", code)
+                raise TransportError.of(self.tool, self.where, code, self._stderr.read())
         finally:
             self._stderr.close()
 
@@ -93,22 +96,21 @@ class LocalTransport:
 
     def run(self, argv: list[str], stdin: bytes | None = None, ok: tuple[int, ...] = (0,)
             ) -> bytes:
-        command = [*self.prefix, shlex.join(argv)] if self.quote else [*self.prefix, *argv]
+        command = self._command(argv)
         try:
             done = subprocess.run(command, input=stdin if stdin is not None else b"",
                                   capture_output=True, check=False)
         except FileNotFoundError as exc:
             raise UserError(f"cannot run {command[0]!r}: {exc.strerror}") from exc
         if done.returncode not in ok:
-            err = done.stderr.decode("utf-8", "replace").strip()[-2000:]
-            raise TransportError(
-                f"{argv[0]} failed on {self.describe()} (exit {done.returncode}): {err}",
-                done.returncode)
+            raise TransportError.of(argv[0], self.describe(), done.returncode, done.stderr)
         return done.stdout
 
     def start(self, argv: list[str]) -> Running:
-        command = [*self.prefix, shlex.join(argv)] if self.quote else [*self.prefix, *argv]
-        return Running(argv, command, self.describe())
+        return Running(argv, self._command(argv), self.describe())
+
+    def _command(self, argv: list[str]) -> list[str]:
+        return [*self.prefix, shlex.join(argv)] if self.quote else [*self.prefix, *argv]
 
 
 def for_farm(farm: Farm) -> LocalTransport:
