@@ -217,11 +217,30 @@ class _Offline:
             "Fix the cause, or import with --online")
 
     def start_slapd(self) -> None:
+        t2 = time.monotonic()
+        _settle(self.target, self.db_dir)
+        self.timings["bulk settle"] = time.monotonic() - t2
         self.progress(f"bulk load: starting {self.target.describe()}")
         t2 = time.monotonic()
         self.target.start()
         _wait_ready(self.target.transport, self.base)
         self.timings["bulk start"] = time.monotonic() - t2
+
+
+def _settle(target: BulkTarget, db_dir: str) -> None:
+    """Make what slapadd wrote durable, then drop the database file from the page cache.
+
+    ``slapadd -q`` does not sync, so without the first step a crash soon after the load could
+    lose part of it under a running slapd. The second matters for every write afterwards: the
+    kernel keeps what slapadd wrote in large page-cache folios (ext4 and XFS use them for
+    buffered writes), and slapd's later commits each dirty one 4 KiB page of such a folio, which
+    the kernel then writes back whole at every fdatasync. Measured on the lab (kernel 6.18, ext4):
+    a 1 % Delta's 3 700 commits took 7-12 s after a load, 2 s once the file had been dropped from
+    the cache. slapd maps the file again page by page as it reads it."""
+    data = f"{db_dir}/data.mdb"
+    target.transport.run([*target.run_as, "sh", "-c",
+                          'sync "$1" && dd if="$1" iflag=nocache count=0 status=none', "sh",
+                          data])
 
 
 def _go_offline(base: str, target: BulkTarget, backup_dir: Path, stamp: str,
@@ -395,6 +414,7 @@ def _restore(target: BulkTarget, base: str, db_dir: str, slapadd: list[str], bac
             pass
         t.run([*target.run_as, "rm", "-f", f"{db_dir}/data.mdb", f"{db_dir}/lock.mdb"])
         t.run(slapadd, stdin=backup.read_bytes())
+        _settle(target, db_dir)
         target.start()
         _wait_ready(t, base)
     except Exception as exc:
