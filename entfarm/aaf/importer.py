@@ -175,7 +175,7 @@ class Directory:
     def _search(self, base: str, filt: str, attrs: tuple[str, ...], scope: str
                 ) -> dict[str, ldif.Entry]:
         out = self.t.run(["ldapsearch", "-LLL", *self._auth(), "-o", "ldif-wrap=no", "-z", "0",
-                          "-s", scope, "-b", base, filt, *attrs], ok=(0, 32))
+                          "-s", scope, "-b", base, filt, *attrs], ok=(0, 32), compress=True)
         return ldif.parse(out, attrs)
 
     def people_by_jointure(self, jointures: list[str], attrs: tuple[str, ...]

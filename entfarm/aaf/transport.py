@@ -7,6 +7,7 @@ so no bind password travels or is stored on the controller.
 
 from __future__ import annotations
 
+import gzip
 import shlex
 import subprocess
 import tempfile
@@ -32,8 +33,8 @@ class TransportError(UserError):
 class Transport(Protocol):
     uri: str  # LDAP URI as seen from where the commands run
 
-    def run(self, argv: list[str], stdin: bytes | None = None, ok: tuple[int, ...] = (0,)
-            ) -> bytes: ...
+    def run(self, argv: list[str], stdin: bytes | None = None, ok: tuple[int, ...] = (0,),
+            compress: bool = False) -> bytes: ...
 
     def describe(self) -> str: ...
 
@@ -94,9 +95,16 @@ class LocalTransport:
     def describe(self) -> str:
         return " ".join(self.prefix) or "local"
 
-    def run(self, argv: list[str], stdin: bytes | None = None, ok: tuple[int, ...] = (0,)
-            ) -> bytes:
-        command = self._command(argv)
+    def run(self, argv: list[str], stdin: bytes | None = None, ok: tuple[int, ...] = (0,),
+            compress: bool = False) -> bytes:
+        """``argv``'s output; ``compress``: gzipped where it runs and unzipped here, for big
+        outputs. Measured on the lab: the 20 MB search of 100 000 persons' state came through
+        ``docker exec`` in 1.4-1.5 s on an idle host, its 4 MB gzip -1 in 0.8 s; while the
+        importer read its export on both cores, 3.9 s against 1.8 s. gzip and bash are
+        essential packages of Debian."""
+        command = self._command(
+            ["bash", "-o", "pipefail", "-c", '"$@" | gzip -1', "bash", *argv] if compress
+            else argv)
         try:
             done = subprocess.run(command, input=stdin if stdin is not None else b"",
                                   capture_output=True, check=False)
@@ -104,7 +112,7 @@ class LocalTransport:
             raise UserError(f"cannot run {command[0]!r}: {exc.strerror}") from exc
         if done.returncode not in ok:
             raise TransportError.of(argv[0], self.describe(), done.returncode, done.stderr)
-        return done.stdout
+        return gzip.decompress(done.stdout) if compress else done.stdout
 
     def start(self, argv: list[str]) -> Running:
         return Running(argv, self._command(argv), self.describe())
