@@ -19,6 +19,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+from ..errors import UserError
+
 T = TypeVar("T")
 R = TypeVar("R")
 # Results bigger than a pipe's buffer are read while the child writes; this is the read size.
@@ -44,6 +46,9 @@ class Forked(Generic[R]):
             code = 0
             try:
                 payload = pickle.dumps((True, fn(arg)), protocol=pickle.HIGHEST_PROTOCOL)
+            except UserError as exc:  # the parent raises the same error, for the user
+                payload = pickle.dumps((False, _carried(exc)))
+                code = 1
             except BaseException:  # the parent re-raises it, with the child's traceback
                 payload = pickle.dumps((False, traceback.format_exc()))
                 code = 1
@@ -70,6 +75,8 @@ class Forked(Generic[R]):
                 raise RuntimeError(f"forked worker {self._pid} died without a result")
             ok, value = pickle.loads(b"".join(chunks))
             if not ok:
+                if isinstance(value, UserError):
+                    raise value
                 raise RuntimeError(f"forked worker {self._pid} failed:\n{value}")
             self._value = value
         return self._value  # type: ignore[return-value]
@@ -85,6 +92,15 @@ class Forked(Generic[R]):
             pass
         os.waitpid(self._pid, 0)
         os.close(self._fd)
+
+
+def _carried(exc: UserError) -> UserError | str:
+    """The error itself if it survives pickling, else its traceback (then an internal error)."""
+    try:
+        back = pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return traceback.format_exc()
+    return back if type(back) is type(exc) and str(back) == str(exc) else traceback.format_exc()
 
 
 def fork_each(fn: Callable[[T], R], args: Sequence[T]) -> list[Forked[R]]:

@@ -24,6 +24,10 @@ class TransportError(UserError):
         super().__init__(message)
         self.returncode = returncode
 
+    def __reduce__(self) -> tuple[type[TransportError], tuple[str, int]]:
+        # Raised in a forked child (entfarm.aaf.forked), it comes back through pickle.
+        return type(self), (str(self), self.returncode)
+
     @classmethod
     def of(cls, tool: str, where: str, returncode: int, stderr: bytes) -> TransportError:
         err = stderr.decode("utf-8", "replace").strip()[-2000:]
