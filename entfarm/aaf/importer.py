@@ -7,6 +7,7 @@ independent records after run); or, for a first import, an offline bulk load of 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import datetime as dt
 import hashlib
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import runlock
 from ..errors import UserError
 from ..model import Farm
 from ..ntlm import nt_hashes
@@ -470,26 +472,33 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         return list(dict.fromkeys(d.sid_uai[s] for s in p.sids))  # its digest covers them
 
     # Refusal: too many deactivations in one établissement (nothing is written before).
+    # Most persons stay, unread: they are counted by their list of structures, and each list
+    # is turned into UAIs once.
     active: Counter[str] = Counter()
     leaving: Counter[str] = Counter()
-    for j, (_dn, e) in by_jointure.items():
+    staying: Counter[tuple[str, ...]] = Counter()
+    for j, (dn, e) in by_jointure.items():
         if (e.get("ENTPersonEtat") or ["ACTIF"])[0] == "DESACTIVE":
+            continue
+        wanted = d.people.get(j)
+        if wanted is not None and dn not in current_of:
+            staying[tuple(wanted.sids)] += 1
             continue
         for uai in uais_of(j):
             active[uai] += 1
-            if j not in d.people:
+            if wanted is None:
                 leaving[uai] += 1
-    if not force:
-        for uai, n in sorted(leaving.items()):
-            if uai in held:
-                continue
-            share = n / active[uai]
-            if share > max_deactivate:
-                raise ImportRefused(
-                    f"refusing to import: it would deactivate {n} of the {active[uai]} active "
-                    f"accounts of {uai} ({share:.1%}), more than the allowed "
-                    f"{max_deactivate:.0%}; check the export, then re-run with --force to "
-                    "deactivate them anyway (or raise --max-deactivate)")
+    for sids, n in staying.items():
+        for uai in dict.fromkeys(d.sid_uai[s] for s in sids):
+            active[uai] += n
+    over = [f"{n} of the {active[uai]} active accounts of {uai} ({n / active[uai]:.1%})"
+            for uai, n in sorted(leaving.items())
+            if uai not in held and n / active[uai] > max_deactivate]
+    if over and not force:
+        raise ImportRefused(
+            f"refusing to import: it would deactivate {'; '.join(over)}: more than the "
+            f"allowed {max_deactivate:.0%}; check the export, then re-run with --force to "
+            "deactivate them anyway (or raise --max-deactivate)")
 
     for jointure, uai, entry in stale:
         current_dn = by_jointure[jointure][0]
@@ -607,11 +616,33 @@ def _login_of(dn: str, entry: ldif.Entry) -> str:
     return value if name.strip().lower() == "uid" else ""
 
 
+def _logins_file(state: Path) -> Path:
+    return state / "aaf" / "logins.json"
+
+
 def _read_logins(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path}: cannot be read ({exc}); it keeps every login ever given, so "
+                        "that no login changes: restore it from the state directory's backup "
+                        "before importing") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object of AAF jointure to login, found "
+                        f"{type(data).__name__}; restore it from the state directory's backup "
+                        "before importing")
     return {str(k): str(v) for k, v in data.items()}
+
+
+def import_lock(state: Path) -> contextlib.AbstractContextManager[None]:
+    """One import of a farm at a time: two would compute against the same directory and both
+    write, and the second would overwrite the logins the first gave."""
+    path = state / "aaf" / "import.lock"
+    return runlock.held(path, "entfarm aaf import", lambda holder: ImportRefused(
+        f"another import of this farm is running ({holder}; lock {path}); the directory was "
+        "not touched: run this one again when it has ended"))
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -671,7 +702,7 @@ def run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool = 
     ``export``: ``path`` already read by :func:`load` (a wave imports the same export once per
     batch and reads it once); None reads it here.
     """
-    with no_gc():
+    with no_gc(), (contextlib.nullcontext() if dry_run else import_lock(farm.state_dir)):
         try:
             return _run_import(path, farm, directory, dry_run=dry_run, force=force,
                                max_deactivate=max_deactivate, now=now, progress=progress,
@@ -707,8 +738,8 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
             f"export; the directory was not touched:\n{shown}"
             + (f"\n… and {more} more (entfarm aaf check {path})" if more > 0 else ""))
     state = farm.state_dir
-    logins_file = state / "aaf" / "logins.json"
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    remembered = _read_logins(_logins_file(state))
     streaming: list[bulk_load.StreamingLoad] = []
 
     def stream(people: int) -> bulk_load.StreamingLoad | None:
@@ -726,7 +757,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
     t1 = time.monotonic()
     try:
         cs = compute(export, farm, directory, now=now, max_deactivate=max_deactivate,
-                     force=force, remembered=_read_logins(logins_file), progress=progress,
+                     force=force, remembered=remembered, progress=progress,
                      full_compare=full_compare, scope=scope, held=held, stream=stream)
         timings["compare"] = time.monotonic() - t1
         if dry_run:
@@ -761,11 +792,11 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                         directory.apply_parts(online)
                     except UserError as exc:
                         if backup is None:
-                            raise _partly_applied(exc, state, cs, stamp, directory, record) \
-                                from exc
+                            raise _partly_applied(exc, state, cs, stamp, directory, record,
+                                                  remembered) from exc
                         # The loaded accounts are in the directory: keep their logins and
                         # one-time codes, which a second run could not give again.
-                        written = _keep_accounts(state, cs, stamp)
+                        written = _keep_accounts(state, cs, stamp, remembered)
                         record["distribution"] = [str(p) for p in written]
                         raise UserError(
                             f"{exc}\nThe bulk load before it succeeded (its backup: {backup}; "
@@ -778,7 +809,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                 _write_run(state, stamp, record)
                 raise
         timings["apply"] = time.monotonic() - t2
-        distribution = _keep_accounts(state, cs, stamp)
+        distribution = _keep_accounts(state, cs, stamp, remembered)
         record.update(status="ok", timings=timings, distribution=[str(p) for p in distribution])
         run = _write_run(state, stamp, record)
         return ImportResult(cs, True, run, distribution, timings, backup)
@@ -790,7 +821,8 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
 
 
 def _partly_applied(exc: UserError, state: Path, cs: ChangeSet, stamp: str,
-                    directory: Directory, record: dict[str, Any]) -> UserError:
+                    directory: Directory, record: dict[str, Any],
+                    remembered: dict[str, str]) -> UserError:
     """After a failed ldapmodify: keep the one-time codes of the new accounts it wrote before
     failing (a second run would not give them again), and say what a second run does."""
     if not cs.new_accounts:
@@ -808,7 +840,7 @@ def _partly_applied(exc: UserError, state: Path, cs: ChangeSet, stamp: str,
                          f"read back ({again}); their one-time codes are lost: reset them "
                          "after the next import")
     kept = [a for a in cs.new_accounts if a.login in written]
-    paths = _keep_accounts(state, cs, stamp, accounts=kept)
+    paths = _keep_accounts(state, cs, stamp, remembered, accounts=kept)
     record["distribution"] = [str(p) for p in paths]
     return UserError(f"{exc}\n{len(kept)} of the {len(cs.new_accounts)} new accounts were "
                      f"written before the failure; their distribution files: "
@@ -816,14 +848,17 @@ def _partly_applied(exc: UserError, state: Path, cs: ChangeSet, stamp: str,
                      "again applies the changes still missing")
 
 
-def _keep_accounts(state: Path, cs: ChangeSet, stamp: str,
+def _keep_accounts(state: Path, cs: ChangeSet, stamp: str, remembered: dict[str, str],
                    accounts: list[NewAccount] | None = None) -> list[Path]:
     """Remember the logins and write the distribution files of the new accounts (``accounts``:
-    only those, when a failed write left the others out of the directory)."""
-    logins_file = state / "aaf" / "logins.json"
-    known = _read_logins(logins_file)
-    known.update(cs.logins)
-    _write_private(logins_file, json.dumps(known, sort_keys=True, indent=0))
+    only those, when a failed write left the others out of the directory).
+
+    ``remembered``: logins.json as the import read it before computing (the import lock keeps
+    it so); it is written again only when a login is new or moved."""
+    logins_file = _logins_file(state)
+    new = {j: login for j, login in cs.logins.items() if remembered.get(j) != login}
+    if new or not logins_file.exists():
+        _write_private(logins_file, json.dumps({**remembered, **new}, sort_keys=True, indent=0))
     return write_distribution(state, cs.new_accounts if accounts is None else accounts, stamp)
 
 

@@ -15,7 +15,6 @@ Every change of status is one transaction with its event: either both are writte
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import json
 import os
@@ -26,8 +25,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from .. import runlock
 from ..errors import UserError
 from ..model import Farm
 
@@ -362,22 +362,9 @@ class Ledger:
     def exclusive(self) -> Iterator[None]:
         """Hold the farm's wave lock: two runs at once would race on the same établissements."""
         lock_path = self.path.with_name(LOCK_FILE)
-        fh: TextIO = lock_path.open("a+", encoding="utf-8")
-        try:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                fh.seek(0)
-                holder = fh.read().strip() or "another run"
-                raise LedgerError(f"{lock_path} is held by {holder}: one wave run at a time"
-                                  ) from exc
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{self.actor} pid {os.getpid()} since {now_iso()}\n")
-            fh.flush()
+        with runlock.held(lock_path, self.actor, lambda holder: LedgerError(
+                f"{lock_path} is held by {holder}: one wave run at a time")):
             yield
-        finally:
-            fh.close()  # closing releases the lock
 
 
 def read_scope(farm: Farm) -> tuple[set[str], set[str]] | None:

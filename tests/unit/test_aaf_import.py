@@ -4,6 +4,8 @@ directory untouched (full dumps compared), dry run, distribution files."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import shutil
 import stat
 from collections import Counter
@@ -13,7 +15,7 @@ import pytest
 from aaf_conftest import REPO, Slapd, slapd
 
 from entfarm.aaf.generate import generate, generate_delta, modify_request
-from entfarm.aaf.importer import Directory, ImportRefused, run_import
+from entfarm.aaf.importer import Directory, ImportRefused, import_lock, run_import
 from entfarm.aaf.ldif import target
 from entfarm.errors import UserError
 from entfarm.model import Farm, load_farm
@@ -218,19 +220,24 @@ def test_refuses_mass_deactivation_unless_forced(export: Path, farm: Farm,
     assert forced.changes.counts["people deactivate"] > 0
 
 
+@pytest.mark.parametrize(("share", "guard"), [(0.3, 0.10), (0.06, 0.01)],
+                         ids=["everyone-read", "targeted-reads"])
 def test_the_guard_and_the_counts_take_each_persons_etablissements_from_the_directory(
-        farm: Farm, directory: Directory, tmp_path: Path) -> None:
+        farm: Farm, directory: Directory, tmp_path: Path, share: float, guard: float) -> None:
     """The import reads only its persons' state and digest; their établissements come from the
     export where the digest matches and are read for the others. The guard's figures and the
     per-UAI counts must still be those of the directory's ENTPersonEtablissements (two
-    onboarded collèges sharing staff, a Delta with departures, arrivals and moves)."""
+    onboarded collèges sharing staff, a Delta with departures, arrivals and moves). A large
+    Delta reads every person in full; a small one reads only those changed or leaving, and
+    counts the others, staff of both collèges among them, from the export."""
     feed = tmp_path / "two"
     generate([(UAI, "Collège Les Capucins", "036"), ("0450040Z", "Collège B", "045")],
              feed, date="20250901", seed=9, eleves_per_college=40)
     run_import(feed, farm, directory, now=NOW)
-    generate_delta(feed, feed, seed=10, share=0.3)
+    generate_delta(feed, feed, seed=10, share=share)
     stored = directory.search(f"ou=people,{directory.base}", "(ENTPersonJointure=*)",
                             ("ENTPersonEtablissements",))
+    assert sum(len(e["ENTPersonEtablissements"]) > 1 for e in stored.values()) >= 2
     dry = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=1), dry_run=True,
                      force=True)
     leaving_dns = {target(part)[0].lower() for part in dry.changes.ldif_parts
@@ -247,10 +254,14 @@ def test_the_guard_and_the_counts_take_each_persons_etablissements_from_the_dire
             active[uai] += 1
             leaving[uai] += dn.lower() in leaving_dns
     assert len(active) == 2 and all(leaving.values())
-    first = min(u for u in leaving if leaving[u] / active[u] > 0.10)
-    message = _refused(feed, farm, directory)
-    assert (f"it would deactivate {leaving[first]} of the {active[first]} active accounts "
-            f"of {first}") in message
+    over = sorted(u for u in leaving if leaving[u] / active[u] > guard)
+    assert over
+    message = _refused(feed, farm, directory, max_deactivate=guard)
+    assert message.startswith("refusing to import: it would deactivate ")
+    for uai in over:  # every établissement past the guard, each with its own figures
+        assert (f"{leaving[uai]} of the {active[uai]} active accounts of {uai} "
+                f"({leaving[uai] / active[uai]:.1%})") in message
+    assert message.count(" active accounts of ") == len(over)
     expected = Counter(uais(e)[0] for dn, e in stored.items() if dn.lower() in leaving_dns)
     assert {u: c["people deactivate"] for u, c in dry.changes.per_uai.items()
             if c["people deactivate"]} == dict(expected)
@@ -262,6 +273,50 @@ def test_dry_run_writes_nothing(export: Path, farm: Farm, directory: Directory) 
     assert result.changes.counts["people add"] > 150 and "changetype: add" in result.changes.ldif
     assert directory.dump() == before
     assert not (farm.state_dir / "aaf").exists()
+
+
+def test_a_second_import_of_the_farm_is_refused_while_one_runs(
+        export: Path, farm: Farm, directory: Directory) -> None:
+    with import_lock(farm.state_dir):  # what a running import holds
+        message = _refused(export, farm, directory)
+        assert "another import of this farm is running" in message
+        assert f"entfarm aaf import pid {os.getpid()} since " in message and "import.lock" in message
+        # A dry run writes nothing: it runs beside an import.
+        assert run_import(export, farm, directory, now=NOW, dry_run=True).changes.changes
+    assert run_import(export, farm, directory, now=NOW).changes.counts["people add"] > 150
+
+
+def test_logins_are_written_again_only_when_one_is_new(
+        export: Path, farm: Farm, directory: Directory, tmp_path: Path) -> None:
+    run_import(export, farm, directory, now=NOW)
+    logins_file = farm.state_dir / "aaf" / "logins.json"
+    first = logins_file.stat().st_ino
+    logins = json.loads(logins_file.read_text(encoding="utf-8"))
+    assert len(logins) > 150
+    run_import(export, farm, directory, now=NOW + dt.timedelta(days=1))
+    assert logins_file.stat().st_ino == first  # nothing new: not rewritten
+    feed = _copy(export, tmp_path)
+    generate_delta(feed, feed, seed=3, share=0.05)
+    delta = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=2))
+    assert delta.changes.counts["people add"] >= 1
+    after = json.loads(logins_file.read_text(encoding="utf-8"))
+    assert logins_file.stat().st_ino != first
+    assert after.items() >= logins.items() and len(after) > len(logins)  # kept, and the new
+    assert {e["uid"][0] for e in _people(directory).values()} <= set(after.values())
+
+
+def test_an_unreadable_logins_file_stops_the_import_before_it_writes(
+        export: Path, farm: Farm, directory: Directory) -> None:
+    run_import(export, farm, directory, now=NOW)
+    logins_file = farm.state_dir / "aaf" / "logins.json"
+    for broken, said in (("{\"x\": ", "cannot be read"), ("[1, 2]", "found list")):
+        logins_file.write_text(broken, encoding="utf-8")
+        before = directory.dump()
+        with pytest.raises(UserError) as caught:
+            run_import(export, farm, directory, now=NOW + dt.timedelta(days=1))
+        message = str(caught.value)
+        assert str(logins_file) in message and said in message and "restore it" in message
+        assert directory.dump() == before and logins_file.read_text(encoding="utf-8") == broken
 
 
 def test_independent_runs_cut_at_parent_kind_and_repeated_dn() -> None:
