@@ -15,6 +15,10 @@ measures, each importer run in a child process so that its peak RSS is its own:
   no-change  the same export again (must write nothing)
   delta      the Complet plus a 1 % Delta
 
+The dry run writes no record cache; the full import parses every file and fills it, so the
+no-change and Delta imports load the Complet's records from it, as a daily import loads the
+Complet that the day before's import read. ``--no-cache`` parses every file in every import.
+
 ``--lab`` targets the lab's directory container (entfarm-lab-idp) through the farm's docker-exec
 transport with the real CLI (``python -m entfarm.cli aaf import``); the reference stays a local
 slapadd on this host (same machine, the container shares its kernel and disks). Its full import
@@ -25,6 +29,7 @@ takes the CLI's bulk path, which stops and starts the lab's slapd (systemctl in 
     .venv/bin/python benchmarks/aaf_import.py --persons 20000 # quicker
     .venv/bin/python benchmarks/aaf_import.py --lab           # into the lab directory
     .venv/bin/python benchmarks/aaf_import.py --lab --warm    # its data file read first
+    .venv/bin/python benchmarks/aaf_import.py --lab --no-cache  # every file parsed each time
 """
 
 from __future__ import annotations
@@ -206,6 +211,7 @@ def child_main(args: argparse.Namespace) -> None:
     result = run_import(Path(args.export), farm, directory, dry_run=bool(args.ldif_out),
                         now=dt.datetime(2025, 9, 3, 6, 0, tzinfo=dt.UTC),
                         bulk=False if args.online else None, bulk_target=target,
+                        use_cache=not args.no_cache,
                         progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     if args.ldif_out:
         Path(args.ldif_out).write_text(result.changes.ldif, encoding="utf-8")
@@ -221,13 +227,16 @@ def importer_argv(args: argparse.Namespace, export: Path, inventory: Path, uri: 
                   online: bool = False) -> list[str]:
     if args.lab and ldif_out is None:
         return [sys.executable, "-m", "entfarm.cli", "aaf", "import", str(export),
-                "-i", str(inventory)] + (["--online"] if args.online else [])
+                "-i", str(inventory)] + (["--online"] if args.online else []) + (
+                    ["--no-cache"] if args.no_cache else [])
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--export", str(export),
             "--inventory", str(inventory), "--uri", uri]
     if root is not None:
         argv += ["--root", str(root)]
     if args.online or online:
         argv.append("--online")
+    if args.no_cache:
+        argv.append("--no-cache")
     return argv + (["--ldif-out", str(ldif_out)] if ldif_out else [])
 
 
@@ -288,6 +297,9 @@ def main() -> None:
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--online", action="store_true",
                    help="import with ldapmodify only (no offline bulk load of the first import)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="every import parses every export file (no record cache: see "
+                        "entfarm.aaf.export.RecordCache)")
     p.add_argument("--warm", action="store_true",
                    help="read the directory's data file into the page cache before the "
                         "no-change and Delta steps (see warm() and its caveat)")
@@ -384,11 +396,11 @@ def main() -> None:
                  "python": sys.version.split()[0]},
         "target": "lab container entfarm-lab-idp" if args.lab else "local throwaway slapd",
         "colleges": colleges, "persons": persons, "people_in_directory": people,
-        "warm": args.warm,
+        "warm": args.warm, "record_cache": not args.no_cache,
         "exports": info, "rows": rows,
     }
     print(f"\nAAF import, {persons} persons, {colleges} collèges, {results['target']}, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs, record cache {'off' if args.no_cache else 'on'}")
     print(f"{'step':<10} {'seconds':>8} {'x slapadd':>10} {'CPU s':>6} {'peak RSS MiB':>13} "
           f"{'changes':>8}  target")
     print(f"{'slapadd':<10} {ref:8.1f} {1.0:10.2f} {'':>6} {'':>13} {entries:8d}  reference")

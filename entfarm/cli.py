@@ -467,9 +467,12 @@ def _render_export(export: Any) -> None:
 @click.option("--streams", default=4, show_default=True, type=click.IntRange(1, 16),
               help="ldapmodify connections writing side by side (1: one after the other, to "
               "spare a busy directory).")
+@click.option("--no-cache", is_flag=True,
+              help="Parse every export file, without the records kept from the last import in "
+              "the export directory's .entfarm-cache (which this run then leaves as it is).")
 def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool, force: bool,
                max_deactivate: float, full_compare: bool, bulk: bool | None,
-               streams: int) -> None:
+               streams: int, no_cache: bool) -> None:
     """Import an export into the directory (onboarded établissements only)."""
     from pathlib import Path
 
@@ -488,7 +491,7 @@ def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool,
     result = run_import(Path(path), farm, directory, dry_run=dry_run, force=force,
                         max_deactivate=max_deactivate, progress=_aaf_progress,
                         full_compare=full_compare, scope=scope, held=held, bulk=bulk,
-                        bulk_target=for_host(transport))
+                        bulk_target=for_host(transport), use_cache=not no_cache)
     cs = result.changes
     table = Table(title="change set per UAI" + (" (dry run: nothing written)" if dry_run else ""),
                   show_edge=False)

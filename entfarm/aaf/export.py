@@ -8,11 +8,17 @@ because people's ``$``-composite values are keyed by the AAF structure id.
 
 from __future__ import annotations
 
+import functools
 import gc
+import hashlib
+import marshal
+import os
 import re
+import stat
+import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,39 +349,44 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def load(directory: Path, progress: Callable[[str], None] | None = None) -> Export:
+def load(directory: Path, progress: Callable[[str], None] | None = None, *,
+         cache: RecordCache | None = None) -> Export:
     """Read and apply an export directory, collecting every problem (never raising on them).
 
-    Nothing read is kept on disk: an export holds personal data (minors' included), which the
-    controller must not accumulate beyond the directory's own retention rules.
+    ``cache``: the files' records already parsed (see :class:`RecordCache`); None parses every
+    file.
     """
-    return start_load(directory).finish(progress)
+    return start_load(directory, cache=cache).finish(progress)
 
 
-def start_load(directory: Path) -> Loading:
+def start_load(directory: Path, *, cache: RecordCache | None = None) -> Loading:
     """Plan the export and start its parallel readers (see :class:`Loading`); a caller that
     starts threads of its own (the importer's directory searches) does so after this."""
     with no_gc():
-        return Loading(directory)
+        return Loading(directory, cache)
 
 
 class Loading:
-    """An export being read. Its files are parsed on every core: the last ones (by size) in
-    forked children started here, before the caller starts any thread, the first ones in
-    :meth:`finish`, which then applies all the records here, in the planned order, exactly as
-    if one process had read them all."""
+    """An export being read. The files the cache does not hold are parsed on every core: the
+    last ones (by size) in forked children started here, before the caller starts any thread,
+    the first ones in :meth:`finish`, which also loads the cached ones and applies all the
+    records here, in the planned order, exactly as if one process had parsed them all."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, cache: RecordCache | None = None):
         self.directory = directory
         files, problems = scan(directory)
         self.applied, ignored, plan_problems = plan(files)
         self.export = Export(directory=directory, files=self.applied, ignored_files=ignored,
                              problems=problems + plan_problems)
-        sizes = [_size(f.path) for f in self.applied]
+        self.cache = cache
+        self.keys = [cache.key(f.path) if cache else None for f in self.applied]
+        self.cached = {i for i, k in enumerate(self.keys) if cache and k and cache.has(k)}
+        self.to_parse = [i for i in range(len(self.applied)) if i not in self.cached]
+        sizes = [_size(self.applied[i].path) for i in self.to_parse]
         self.slices = (forked.split(sizes, forked.cores())
-                       if sum(sizes) >= _PARALLEL_MIN_BYTES else [(0, len(self.applied))])
+                       if sum(sizes) >= _PARALLEL_MIN_BYTES else [(0, len(self.to_parse))])
         self.children = forked.fork_each(_read_slice, [
-            [f.path for f in self.applied[a:b]] for a, b in self.slices[1:]])
+            [self.applied[i].path for i in self.to_parse[a:b]] for a, b in self.slices[1:]])
 
     def finish(self, progress: Callable[[str], None] | None = None) -> Export:
         with no_gc():
@@ -386,24 +397,134 @@ class Loading:
                     child.cancel()
 
     def _finish(self, progress: Callable[[str], None] | None) -> Export:
-        export, applied = self.export, self.applied
-        numbered = iter(range(1, len(applied) + 1))
-
-        def say(f: ExportFile) -> None:
-            n = next(numbered)
+        export, applied, cache = self.export, self.applied, self.cache
+        # Which child parses which file, and where in its result the file's records are.
+        from_child = {self.to_parse[a + k]: (c, k) for c, (a, b) in enumerate(self.slices[1:])
+                      for k in range(b - a)}
+        results: dict[int, list[FileRead]] = {}
+        for n, f in enumerate(applied):
+            key = self.keys[n]
+            read = cache.get(key) if cache and key and n in self.cached else None
+            if read is not None:
+                how = "cached"
+            elif n in from_child:
+                c, k = from_child[n]
+                if c not in results:
+                    results[c] = self.children[c].result()
+                read, how = results[c][k], "parsed"
+            else:
+                read, how = _read_file(f.path), "parsed"
             if progress:
-                progress(f"reading {f.path.name} ({n} of {len(applied)})")
-
-        start, stop = self.slices[0]
-        for f in applied[start:stop]:
-            say(f)
-            _apply_file(export, f, _read_file(f.path))
-        for child, (start, stop) in zip(self.children, self.slices[1:], strict=True):
-            for f, read in zip(applied[start:stop], child.result(), strict=True):
-                say(f)
-                _apply_file(export, f, read)
+                progress(f"reading {f.path.name} ({n + 1} of {len(applied)}, {how})")
+            _apply_file(export, f, read)
+            if cache and key and how == "parsed":
+                cache.put(key, read)
+        if cache:
+            cache.keep_only([k for k in self.keys if k])
         _check_references(export)
         return export
+
+
+class RecordCache:
+    """The records of export files already parsed, found by the file's content (SHA-256) and by
+    this reader's own code, so that a changed file or a changed reader parses again.
+
+    A daily import re-reads the Complet it read the day before: loading its records (marshal:
+    strings, lists, dicts and tuples only, nothing that runs) takes about a tenth of parsing
+    its XML. The cache is a hidden directory of the export directory itself, so that it lives
+    and goes with the export (whose retention the académie's rules set; an export holds
+    minors' personal data); each import keeps only the entries of the files it applied. Its
+    files are the owner's only; a cache directory that someone else owns or could write is not
+    used. ``write``: False reads what is there and writes nothing (a dry run).
+    """
+
+    DIRNAME = ".entfarm-cache"
+
+    def __init__(self, export_directory: Path, *, write: bool = True):
+        self.root = export_directory / self.DIRNAME
+        self.write = write
+        self.usable = self._usable()
+
+    def _usable(self) -> bool:
+        try:
+            st = self.root.lstat()
+        except FileNotFoundError:
+            if not self.write:
+                return False
+            try:
+                self.root.mkdir(mode=0o700)
+            except OSError:  # a read-only export directory: parse every time
+                return False
+            st = self.root.lstat()
+        except OSError:
+            return False
+        return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+    def key(self, path: Path) -> str | None:
+        if not self.usable:
+            return None
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+        except OSError:
+            return None  # the reader reports the error
+        return f"{digest.hexdigest()[:40]}-{_reader_id()}"
+
+    def has(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def get(self, key: str) -> FileRead | None:
+        """The cached records, or None (absent, unreadable or damaged: the file is parsed)."""
+        try:
+            blob = (self.root / key).read_bytes()
+            check, data = blob[:32], blob[32:]
+            if hashlib.blake2b(data, digest_size=32).digest() != check:
+                return None
+            value = marshal.loads(data)
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+        if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], list)
+                and value[1] is None):
+            return None
+        return cast(FileRead, value)
+
+    def put(self, key: str, read: FileRead) -> None:
+        """Keep a clean read (a file with a fault is parsed again: its problem is reported)."""
+        if not (self.write and self.usable) or read[1] is not None:
+            return
+        data = marshal.dumps(read)
+        path = self.root / key
+        tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(hashlib.blake2b(data, digest_size=32).digest())
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError:  # a full disk costs the next run a parse, not this run
+            tmp.unlink(missing_ok=True)
+
+    def keep_only(self, keys: Collection[str]) -> None:
+        if not (self.write and self.usable):
+            return
+        keep = set(keys)
+        try:
+            for entry in self.root.iterdir():
+                if entry.name not in keep:
+                    entry.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+@functools.cache
+def _reader_id() -> str:
+    """This reader's code and the marshal format: cached records are used by this exact code."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(f"{marshal.version} {sys.version_info[:2]}".encode())
+    return digest.hexdigest()[:16]
 
 
 # Below this many bytes of export, one process reads it all (a fork costs more than it saves).

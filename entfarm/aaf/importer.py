@@ -30,7 +30,7 @@ from ..model import Farm
 from ..ntlm import nt_hashes
 from . import bulk as bulk_load
 from . import forked, ldif
-from .export import Export, no_gc, start_load
+from .export import Export, RecordCache, no_gc, start_load
 from .mapping import (
     AAF_GROUP,
     GROUP_ATTRIBUTES,
@@ -691,7 +691,7 @@ def run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool = 
                full_compare: bool = False, scope: Collection[str] | None = None,
                held: Collection[str] = (), bulk: bool | None = None,
                bulk_target: bulk_load.BulkTarget | None = None,
-               export: Export | None = None) -> ImportResult:
+               export: Export | None = None, use_cache: bool = True) -> ImportResult:
     """Import an export; ``scope`` and ``held`` as in :func:`compute` (the wave ledger's).
 
     ``bulk``: True loads the adds offline through ``bulk_target`` (slapd stopped, slapadd,
@@ -700,14 +700,15 @@ def run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool = 
     given.
 
     ``export``: ``path`` already read by :func:`load` (a wave imports the same export once per
-    batch and reads it once); None reads it here.
+    batch and reads it once); None reads it here, with the export's record cache unless
+    ``use_cache`` is False (see :class:`RecordCache`; a dry run reads it and writes nothing).
     """
     with no_gc(), (contextlib.nullcontext() if dry_run else import_lock(farm.state_dir)):
         try:
             return _run_import(path, farm, directory, dry_run=dry_run, force=force,
                                max_deactivate=max_deactivate, now=now, progress=progress,
                                full_compare=full_compare, scope=scope, held=held, bulk=bulk,
-                               bulk_target=bulk_target, export=export)
+                               bulk_target=bulk_target, export=export, use_cache=use_cache)
         finally:
             directory.drop_prefetched()
 
@@ -716,13 +717,15 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                 force: bool, max_deactivate: float, now: dt.datetime | None,
                 progress: Progress, full_compare: bool, scope: Collection[str] | None,
                 held: Collection[str], bulk: bool | None,
-                bulk_target: bulk_load.BulkTarget | None, export: Export | None) -> ImportResult:
+                bulk_target: bulk_load.BulkTarget | None, export: Export | None,
+                use_cache: bool) -> ImportResult:
     now = now or dt.datetime.now(dt.UTC)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     # The export's readers fork before any thread starts; the directory is then read while the
     # export is parsed, and compute() takes those results.
-    loading = start_load(path) if export is None else None
+    cache = RecordCache(path, write=not dry_run) if use_cache else None
+    loading = start_load(path, cache=cache) if export is None else None
     queries = reads(farm.spec.academie.base_dn, full_compare)
     _tops, _base, people, _structures, _groups = queries
     directory.prefetch(queries, in_child=[people])

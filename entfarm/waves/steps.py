@@ -374,19 +374,21 @@ class DirectoryStep(Step):
         self.gate_impl = CasLoginGate(farm, self._directory)
         # The export as read by the first batch, with the signature of its files: every batch
         # of a run imports the same export, and reading 50 collèges' XML costs more than a
-        # batch's own accounts. Kept in memory for this run only, never on disk (minors' data).
+        # batch's own accounts. Kept in memory for this run; on disk only the records cache
+        # in the export directory itself (see entfarm.aaf.export.RecordCache).
         self._read: tuple[tuple[tuple[str, int, int], ...], Any] | None = None
 
     def _export(self) -> Any:
         """The export, read again only when a file of it was added, removed or rewritten."""
-        from ..aaf.export import load
+        from ..aaf.export import RecordCache, load
 
         assert self.export is not None
         files = sorted(f for f in self.export.iterdir() if f.is_file())
         signature = tuple((f.name, st.st_size, st.st_mtime_ns) for f in files
                           for st in [f.stat()])
         if self._read is None or self._read[0] != signature:
-            self._read = (signature, load(self.export, progress=self.progress))
+            self._read = (signature, load(self.export, progress=self.progress,
+                                          cache=RecordCache(self.export)))
         return self._read[1]
 
     def _directory(self) -> Any:

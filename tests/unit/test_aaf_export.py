@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import marshal
+import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -10,7 +13,7 @@ from click.testing import CliRunner
 
 from entfarm.aaf import export as export_module
 from entfarm.aaf import forked
-from entfarm.aaf.export import load
+from entfarm.aaf.export import RecordCache, load
 from entfarm.aaf.generate import add_request, generate, generate_delta
 from entfarm.aaf.mapping import allocate_logins, fold, login_base
 from entfarm.cli import cli
@@ -185,6 +188,102 @@ def test_reading_on_several_cores_gives_what_one_process_reads(
     assert _summary(shared) == _summary(alone)
     assert any("malformed or truncated XML" in p.message for p in shared.problems)
     assert len(shared.persons) > 200 and shared.has_delta
+
+
+def _hows(lines: list[str]) -> dict[str, str]:
+    """file name -> "cached" | "parsed", from the reader's progress lines."""
+    out = {}
+    for line in lines:
+        name, _, rest = line.removeprefix("reading ").partition(" (")
+        out[name] = rest.rstrip(")").rsplit(", ", 1)[1]
+    return out
+
+
+def test_the_record_cache_gives_what_parsing_gives_and_follows_the_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second read loads every clean file from the cache and builds the same export; a file
+    rewritten, an entry damaged or shaped wrong, or a file with a fault is parsed again (and
+    the fault reported again); entries of files no longer applied are removed."""
+    feed = tmp_path / "feed"
+    generate([("0360005K", "Collège A", "036"), ("0450040Z", "Collège B", "045")],
+             feed, date="20250901", seed=5, eleves_per_college=60)
+    monkeypatch.setattr(export_module, "_PARALLEL_MIN_BYTES", 0)  # children parse too
+    monkeypatch.setattr(forked, "cores", lambda: 2)
+    parsed = load(feed)  # no cache at all
+    assert not (feed / RecordCache.DIRNAME).exists()
+    names = sorted(f.path.name for f in parsed.files)
+
+    def cached_load() -> tuple[export_module.Export, dict[str, str]]:
+        lines: list[str] = []
+        return load(feed, lines.append, cache=RecordCache(feed)), _hows(lines)
+
+    first, hows = cached_load()
+    assert hows == dict.fromkeys(names, "parsed") and _summary(first) == _summary(parsed)
+    root = feed / RecordCache.DIRNAME
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    entries = sorted(root.iterdir())
+    assert len(entries) == len(names)
+    assert all(stat.S_IMODE(e.stat().st_mode) == 0o600 for e in entries)
+    inodes = {e.name: e.stat().st_ino for e in entries}
+    second, hows = cached_load()
+    assert hows == dict.fromkeys(names, "cached") and _summary(second) == _summary(parsed)
+    assert {e.name: e.stat().st_ino for e in root.iterdir()} == inodes  # read, not rewritten
+
+    # A Delta dropped in is parsed, the rest still comes from the cache.
+    generate_delta(feed, feed, seed=6, share=0.1)
+    with_delta, hows = cached_load()
+    deltas = {n for n in hows if "_Delta_" in n}
+    assert deltas and all(hows[n] == ("parsed" if n in deltas else "cached") for n in hows)
+    assert _summary(with_delta) == _summary(load(feed))
+    # A rewritten file is parsed again (its entry is found by content), and the entry of its
+    # old content removed.
+    eleves = next(feed.glob("*_Complet_*_Eleve_0000.xml"))
+    eleves.write_bytes(eleves.read_bytes().replace(b"4001$", b"4002$", 1))
+    before = set(root.iterdir())
+    changed, hows = cached_load()
+    assert hows[eleves.name] == "parsed" and list(hows.values()).count("parsed") == 1
+    assert _summary(changed) == _summary(load(feed)) != _summary(with_delta)
+    assert len(set(root.iterdir()) - before) == 1 and len(before - set(root.iterdir())) == 1
+    # A damaged entry, or one whose checksum is right but whose content is not records: parsed.
+    staff = next(feed.glob("*_Complet_*_PersEducNat_*.xml"))
+    entry = root / RecordCache(feed).key(staff)  # type: ignore[operator]
+    blob = entry.read_bytes()
+    at = blob.index(b"4001$")  # one digit of one value: still a valid marshal stream
+    entry.write_bytes(blob[:at] + b"4009$" + blob[at + 5:])
+    damaged, hows = cached_load()
+    assert hows[staff.name] == "parsed" and _summary(damaged) == _summary(changed)
+    data = marshal.dumps({"not": "records"})
+    entry.write_bytes(hashlib.blake2b(data, digest_size=32).digest() + data)
+    shaped, hows = cached_load()
+    assert hows[staff.name] == "parsed" and _summary(shaped) == _summary(changed)
+    # A file with a fault is never cached: its problem is found on every read.
+    body = staff.read_bytes()
+    staff.write_bytes(body[:body.rfind(b"<addRequest") + 25])
+    for _ in range(2):
+        faulty, hows = cached_load()
+        assert hows[staff.name] == "parsed" and not (root / RecordCache(feed).key(staff)).exists()  # type: ignore[operator]
+        assert any("malformed or truncated XML" in p.message and staff.name in p.file
+                   for p in faulty.problems)
+    assert _summary(faulty) == _summary(load(feed))
+
+
+def test_a_dry_read_writes_no_cache_and_a_cache_others_can_write_is_not_used(
+        tmp_path: Path) -> None:
+    feed = tmp_path / "feed"
+    generate([("0360005K", "Collège A", "036")], feed, date="20250901", seed=5,
+             eleves_per_college=20)
+    lines: list[str] = []
+    load(feed, lines.append, cache=RecordCache(feed, write=False))
+    assert not (feed / RecordCache.DIRNAME).exists() and set(_hows(lines).values()) == {"parsed"}
+    load(feed, cache=RecordCache(feed))
+    root = feed / RecordCache.DIRNAME
+    lines.clear()
+    load(feed, lines.append, cache=RecordCache(feed, write=False))
+    assert set(_hows(lines).values()) == {"cached"}  # a dry read uses what is there
+    root.chmod(0o770)  # group-writable: someone else could plant records
+    lines.clear()
+    load(feed, lines.append, cache=RecordCache(feed))
+    assert set(_hows(lines).values()) == {"parsed"}
 
 
 def test_split_cuts_contiguous_slices_of_about_equal_weight() -> None:
