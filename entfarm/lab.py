@@ -457,6 +457,33 @@ def network_aliases(farm: Farm, host: FarmHost) -> list[str]:
     return aliases
 
 
+def lab_addresses(farm: Farm) -> dict[str, str]:
+    """Host name -> its fixed address on the lab network.
+
+    Fixed, because Docker hands dynamic addresses out again when its daemon restarts, in
+    whatever order the containers come back, and services bind to their host's address
+    (ansible_default_ipv4): a lab whose addresses moved is broken until the next deploy. Each
+    address comes from a hash of the host's name (first free one after it, names taken in
+    order), so adding or removing a host leaves the others where they were, unless they
+    collide. The subnet's first host address is the bridge's own (the gateway).
+    """
+    net = ipaddress.IPv4Network(farm.lab.subnet)
+    pool = list(net.hosts())[1:]
+    names = sorted(h.name for h in farm.hosts())
+    if len(names) > len(pool):
+        raise LabError(f"lab.subnet {net} has room for {len(pool)} hosts, the farm has "
+                       f"{len(names)}: give a larger one in {farm.file}")
+    taken: dict[ipaddress.IPv4Address, str] = {}
+    out: dict[str, str] = {}
+    for name in names:
+        i = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % len(pool)
+        while pool[i] in taken:
+            i = (i + 1) % len(pool)
+        taken[pool[i]] = name
+        out[name] = str(pool[i])
+    return out
+
+
 def container_spec(farm: Farm, host: FarmHost, image: str) -> dict[str, Any]:
     """``client.containers.create`` arguments for one host: systemd as PID 1 without --privileged.
 
@@ -482,8 +509,11 @@ def container_spec(farm: Farm, host: FarmHost, image: str) -> dict[str, Any]:
         "stop_signal": "SIGRTMIN+3",
         "restart_policy": {"Name": "unless-stopped"},
         "network": network,
-        # the alias lets hosts reach each other by their farm name (idp, edge ...)
-        "networking_config": {network: {"Aliases": network_aliases(farm, host)}},
+        # the alias lets hosts reach each other by their farm name (idp, edge ...); the
+        # address asked for is kept across restarts of the Docker daemon (see lab_addresses)
+        "networking_config": {network: {
+            "Aliases": network_aliases(farm, host),
+            "IPAMConfig": {"IPv4Address": lab_addresses(farm)[host.name]}}},
         "ports": {},
     }
     if is_edge(host):
@@ -672,19 +702,39 @@ def _container(client: Any, name: str) -> Any | None:
 
 
 def _ensure_network(client: Any, farm: Farm, progress: Progress | None) -> None:
+    """The lab network with lab.subnet as its own (fixed addresses need a subnet given at
+    creation). A network of the farm with another subnet, or none given (labs made before
+    addresses were fixed), is made again: its containers are removed first, and `up` then
+    creates them again with their addresses (deploy again after that)."""
     name = farm.lab.network
     found = [n for n in client.networks.list(names=[name]) if n.name == name]
-    if not found:
-        client.networks.create(name, driver="bridge", labels={"entfarm.farm": farm.name})
-        _say(progress, f"network {name}: created")
-        return
-    labels = found[0].attrs.get("Labels") or {}
-    if labels.get("entfarm.farm") != farm.name:
-        raise LabError(
-            f"Docker network {name!r} exists but does not belong to farm {farm.name!r} "
-            f"(label entfarm.farm={labels.get('entfarm.farm')!r}): remove it or set lab.network "
-            f"in {farm.file}"
-        )
+    if found:
+        labels = found[0].attrs.get("Labels") or {}
+        if labels.get("entfarm.farm") != farm.name:
+            raise LabError(
+                f"Docker network {name!r} exists but does not belong to farm {farm.name!r} "
+                f"(label entfarm.farm={labels.get('entfarm.farm')!r}): remove it or set "
+                f"lab.network in {farm.file}"
+            )
+        config = (found[0].attrs.get("IPAM") or {}).get("Config") or []
+        if [c.get("Subnet") for c in config] == [farm.lab.subnet]:
+            return
+        found[0].reload()  # a listed network does not name its containers
+        for container in found[0].containers:
+            container.remove(force=True)
+        found[0].remove()
+        _say(progress, f"network {name}: removed, with its {len(found[0].containers)} "
+                       f"container(s), to give it the subnet {farm.lab.subnet}")
+    net = ipaddress.IPv4Network(farm.lab.subnet)
+    pool = docker.types.IPAMPool(subnet=str(net), gateway=str(net[1]))
+    try:
+        client.networks.create(name, driver="bridge", labels={"entfarm.farm": farm.name},
+                               ipam=docker.types.IPAMConfig(pool_configs=[pool]))
+    except docker.errors.APIError as exc:
+        raise LabError(f"Docker cannot create the lab network {name} on {net}: "
+                       f"{exc.explanation or exc}; choose another lab.subnet in {farm.file}"
+                       ) from exc
+    _say(progress, f"network {name}: created ({net})")
 
 
 def _state(farm: Farm, host: str, container: Any | None, action: str = "") -> HostState:

@@ -413,6 +413,24 @@ class LabPublish(_Strict):
 
 class Lab(_Strict):
     network: DnsLabel = Field(default="entfarm-lab", description="Docker bridge network.")
+    subnet: str = Field(
+        default="172.30.0.0/24",
+        description="IPv4 subnet of the lab network, a private network of /16 to /26. Each "
+        "host gets a fixed address in it (derived from its name), which it keeps when Docker "
+        "restarts: services bind to their host's address. Change it if Docker reports that "
+        "it overlaps another network.",
+    )
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, value: str) -> str:
+        net = _ipv4_network(value)
+        if not net.is_private:
+            raise ValueError(f"{value!r}: the lab network is a private network (10.0.0.0/8, "
+                             "172.16.0.0/12 or 192.168.0.0/16)")
+        if not 16 <= net.prefixlen <= 26:
+            raise ValueError(f"{value!r}: expected a prefix from /16 to /26")
+        return value
     publish: LabPublish = Field(
         default_factory=LabPublish, description="Loopback ports publishing the edge proxy."
     )
@@ -898,6 +916,23 @@ def _lan_problems(src: Located, i: int, etab: dict[str, Any],
     return problems
 
 
+def _lab_subnet_problems(src: Located, data: dict[str, Any],
+                         lans: dict[ipaddress.IPv4Network, int]) -> list[Problem]:
+    """The lab network must not overlap a school LAN: a school server is on both."""
+    lab = data.get("lab")
+    subnet = lab.get("subnet", Lab.model_fields["subnet"].default) \
+        if isinstance(lab, dict) else Lab.model_fields["subnet"].default
+    try:
+        net = ipaddress.IPv4Network(Lab(subnet=subnet).subnet)
+    except (ValidationError, TypeError):
+        return []  # reported by the structure pass
+    return [src.problem(("lab", "subnet") if isinstance(lab, dict) and "subnet" in lab
+                        else ("etablissements", j, "lan", "subnet"),
+                        f"{net} (the lab network) overlaps {other}, the LAN of "
+                        f"etablissements[{j}]; change lab.subnet or the LAN")
+            for other, j in lans.items() if net.overlaps(other)]
+
+
 def _reference_problems(src: Located, data: dict[str, Any]) -> list[Problem]:
     """Cross-reference checks; each looks only at values that are well formed."""
     problems: list[Problem] = []
@@ -971,6 +1006,7 @@ def _reference_problems(src: Located, data: dict[str, Any]) -> list[Problem]:
                     f"unknown wave {wave!r}{_suggest(wave, wave_ids)}; declared under waves: "
                     f"{', '.join(wave_ids) or 'none'}")
 
+    problems += _lab_subnet_problems(src, data, lans)
     services = data.get("services")
     if not isinstance(services, dict):
         return problems

@@ -57,7 +57,11 @@ def test_up_runs_every_host_with_systemd(
         state = states[host.name]
         assert state.state == "running", state
         assert state.container == farm.container_name(host.name)
-        assert state.ip, state
+        assert state.ip == lab.lab_addresses(farm)[host.name], state
+        # Asked for, not handed out: Docker gives it back when its daemon restarts.
+        endpoint = client.containers.get(state.container).attrs["NetworkSettings"][
+            "Networks"][farm.lab.network]
+        assert (endpoint.get("IPAMConfig") or {}).get("IPv4Address") == state.ip
         _, systemd = run(client, farm, host.name, "systemctl", "is-system-running")
         assert systemd in ("running", "degraded"), (host.name, systemd)
         _, pid1 = run(client, farm, host.name, "cat", "/proc/1/comm")

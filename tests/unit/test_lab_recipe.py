@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,8 @@ def test_spec_runs_systemd_without_privileged(farm: Farm) -> None:
     assert spec["name"] == "entfarm-lab-idp"
     assert spec["hostname"] == "idp"
     assert spec["network"] == "entfarm-lab"
-    assert spec["networking_config"] == {"entfarm-lab": {"Aliases": ["idp"]}}
+    assert spec["networking_config"] == {"entfarm-lab": {
+        "Aliases": ["idp"], "IPAMConfig": {"IPv4Address": lab.lab_addresses(farm)["idp"]}}}
     assert spec["labels"]["entfarm.farm"] == "lab"
     assert spec["labels"]["entfarm.host"] == "idp"
     assert spec["labels"]["entfarm.image"] == "img:1"
@@ -200,6 +202,37 @@ def test_spec_label_changes_with_ports_and_image(farm: Farm) -> None:
         update={"publish": farm.lab.publish.model_copy(update={"https": 9443})})})
     other = Farm(moved, farm.inventory_dir)
     assert lab.container_spec(other, edge, "img:1")["labels"]["entfarm.spec"] != before
+
+
+def _with_lab(farm: Farm, **update: object) -> Farm:
+    spec = farm.spec.model_copy(update={"lab": farm.lab.model_copy(update=update)})
+    return Farm(spec, farm.inventory_dir)
+
+
+def test_each_host_gets_a_fixed_address_that_other_hosts_leave_alone(farm: Farm) -> None:
+    addresses = lab.lab_addresses(farm)
+    assert set(addresses) == {h.name for h in farm.hosts()}
+    assert len(set(addresses.values())) == len(addresses)  # one each
+    net = ipaddress.IPv4Network(farm.lab.subnet)
+    # Inside the subnet, never the bridge's own (the gateway, first host) address.
+    assert all(ipaddress.IPv4Address(a) in list(net.hosts())[1:] for a in addresses.values())
+    assert lab.lab_addresses(farm) == addresses  # the same every time
+    # A school server more, or one less, moves nobody else (no collision in this farm).
+    more = farm.spec.model_copy(update={"etablissements": [
+        *farm.spec.etablissements, farm.spec.etablissements[-1].model_copy(
+            update={"uai": "0450041A", "lan": farm.spec.etablissements[-1].lan})]})
+    grown = lab.lab_addresses(Farm(more, farm.inventory_dir))
+    assert len(grown) == len(addresses) + 1
+    assert {h: grown[h] for h in addresses} == addresses
+    # Another subnet moves everyone into it; one too small for the hosts is refused.
+    other = lab.lab_addresses(_with_lab(farm, subnet="10.99.0.0/26"))
+    assert all(a.startswith("10.99.0.") for a in other.values())
+    crowded = Farm(more.model_copy(update={"lab": farm.lab.model_copy(
+        update={"subnet": "10.99.0.0/26"})}), farm.inventory_dir)
+    assert len(lab.lab_addresses(crowded)) == len(grown)
+    tiny = _with_lab(farm, subnet="10.99.0.0/29")  # past validation: 5 addresses for 8 hosts
+    with pytest.raises(lab.LabError, match=r"room for 5 hosts, the farm has 8"):
+        lab.lab_addresses(tiny)
 
 
 def test_school_servers_get_containers(farm: Farm) -> None:

@@ -133,6 +133,18 @@ CASES: dict[str, Case] = {
     "school lans overlap": Case(
         "subnet: 10.45.40.0/24", "subnet: 10.36.0.0/16", "etablissements[3].lan.subnet",
         "10.36.0.0/16", "the LAN of etablissements[0]", "subnet: 10.36.0.0/16"),
+    "school lan overlaps the lab network": Case(
+        "subnet: 10.45.40.0/24", "subnet: 172.30.0.128/25", "etablissements[3].lan.subnet",
+        "172.30.0.0/24 (the lab network)", "change lab.subnet or the LAN",
+        "subnet: 172.30.0.128/25"),
+    "lab network overlaps a school lan": Case(
+        "  network: entfarm-lab\n", "  network: entfarm-lab\n  subnet: 10.36.0.0/16\n",
+        "lab.subnet", "overlaps 10.36.5.0/24", "the LAN of etablissements[0]",
+        "subnet: 10.36.0.0/16"),
+    "lab network too small": Case(
+        "  network: entfarm-lab\n", "  network: entfarm-lab\n  subnet: 172.30.0.0/27\n",
+        "lab.subnet", "172.30.0.0/27", "expected a prefix from /16 to /26",
+        "subnet: 172.30.0.0/27"),
     "school server address outside its lan": Case(
         "lan: {subnet: 10.45.40.0/24}", "lan: {subnet: 10.45.40.0/24, address: 10.45.41.1}",
         "etablissements[3].lan.address", "10.45.41.1", "expected one of 10.45.40.1 to "
