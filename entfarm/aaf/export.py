@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import hmac
 import marshal
 import os
 import re
@@ -430,18 +431,22 @@ class RecordCache:
     this reader's own code, so that a changed file or a changed reader parses again.
 
     A daily import re-reads the Complet it read the day before: loading its records (marshal:
-    strings, lists, dicts and tuples only, nothing that runs) takes about a tenth of parsing
-    its XML. The cache is a hidden directory of the export directory itself, so that it lives
-    and goes with the export (whose retention the académie's rules set; an export holds
-    minors' personal data); each import keeps only the entries of the files it applied. Its
-    files are the owner's only; a cache directory that someone else owns or could write is not
-    used. ``write``: False reads what is there and writes nothing (a dry run).
+    strings, lists, dicts and tuples only) takes about a tenth of parsing its XML. The cache is
+    a hidden directory of the export directory itself, so that it lives and goes with the
+    export (whose retention the académie's rules set; an export holds minors' personal data);
+    each import keeps only the entries of the files it applied. Every entry carries a MAC
+    (keyed BLAKE2b, ``key``: the farm's, kept in its private state directory), checked before
+    anything is unmarshalled: an entry this farm's importer did not write is parsed over, never
+    loaded. Its files are the owner's only, and a cache directory that someone else owns or
+    could write is not used at all. ``write``: False reads what is there and writes nothing
+    (a dry run).
     """
 
     DIRNAME = ".entfarm-cache"
 
-    def __init__(self, export_directory: Path, *, write: bool = True):
+    def __init__(self, export_directory: Path, key: bytes, *, write: bool = True):
         self.root = export_directory / self.DIRNAME
+        self._key = key
         self.write = write
         self.usable = self._usable()
 
@@ -481,7 +486,7 @@ class RecordCache:
         try:
             blob = (self.root / key).read_bytes()
             check, data = blob[:32], blob[32:]
-            if hashlib.blake2b(data, digest_size=32).digest() != check:
+            if not hmac.compare_digest(self._mac(data), check):
                 return None
             value = marshal.loads(data)
         except (OSError, ValueError, EOFError, TypeError):
@@ -501,11 +506,14 @@ class RecordCache:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as fh:
-                fh.write(hashlib.blake2b(data, digest_size=32).digest())
+                fh.write(self._mac(data))
                 fh.write(data)
             os.replace(tmp, path)
         except OSError:  # a full disk costs the next run a parse, not this run
             tmp.unlink(missing_ok=True)
+
+    def _mac(self, data: bytes) -> bytes:
+        return hashlib.blake2b(data, key=self._key, digest_size=32).digest()
 
     def keep_only(self, keys: Collection[str]) -> None:
         if not (self.write and self.usable):

@@ -616,6 +616,23 @@ def _login_of(dn: str, entry: ldif.Entry) -> str:
     return value if name.strip().lower() == "uid" else ""
 
 
+def record_cache(farm: Farm, export: Path, *, write: bool = True) -> RecordCache | None:
+    """The export's record cache, with the farm's key (made on first use, 0600 in the private
+    state directory; None when there is none yet and ``write`` is False)."""
+    path = farm.state_dir / "aaf" / "record-cache.key"
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        if not write:
+            return None
+        key = secrets.token_bytes(32)
+        _write_private_bytes(path, key)
+    if len(key) != 32:
+        raise UserError(f"{path}: expected 32 bytes, found {len(key)}; delete it (the record "
+                        "caches of the exports are then parsed over once)")
+    return RecordCache(export, key, write=write)
+
+
 def _logins_file(state: Path) -> Path:
     return state / "aaf" / "logins.json"
 
@@ -646,11 +663,15 @@ def import_lock(state: Path) -> contextlib.AbstractContextManager[None]:
 
 
 def _write_private(path: Path, text: str) -> None:
+    _write_private_bytes(path, text.encode("utf-8"))
+
+
+def _write_private_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
     os.replace(tmp, path)
 
 
@@ -724,7 +745,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
     t0 = time.monotonic()
     # The export's readers fork before any thread starts; the directory is then read while the
     # export is parsed, and compute() takes those results.
-    cache = RecordCache(path, write=not dry_run) if use_cache else None
+    cache = record_cache(farm, path, write=not dry_run) if use_cache else None
     loading = start_load(path, cache=cache) if export is None else None
     queries = reads(farm.spec.academie.base_dn, full_compare)
     _tops, _base, people, _structures, _groups = queries

@@ -380,7 +380,8 @@ class DirectoryStep(Step):
 
     def _export(self) -> Any:
         """The export, read again only when a file of it was added, removed or rewritten."""
-        from ..aaf.export import RecordCache, load
+        from ..aaf.export import load
+        from ..aaf.importer import record_cache
 
         assert self.export is not None
         files = sorted(f for f in self.export.iterdir() if f.is_file())
@@ -388,7 +389,7 @@ class DirectoryStep(Step):
                           for st in [f.stat()])
         if self._read is None or self._read[0] != signature:
             self._read = (signature, load(self.export, progress=self.progress,
-                                          cache=RecordCache(self.export)))
+                                          cache=record_cache(self.farm, self.export)))
         return self._read[1]
 
     def _directory(self) -> Any:

@@ -190,6 +190,9 @@ def test_reading_on_several_cores_gives_what_one_process_reads(
     assert len(shared.persons) > 200 and shared.has_delta
 
 
+KEY = bytes(range(32))  # the farm's record-cache key (the importer keeps it in its state)
+
+
 def _hows(lines: list[str]) -> dict[str, str]:
     """file name -> "cached" | "parsed", from the reader's progress lines."""
     out = {}
@@ -215,7 +218,7 @@ def test_the_record_cache_gives_what_parsing_gives_and_follows_the_files(
 
     def cached_load() -> tuple[export_module.Export, dict[str, str]]:
         lines: list[str] = []
-        return load(feed, lines.append, cache=RecordCache(feed)), _hows(lines)
+        return load(feed, lines.append, cache=RecordCache(feed, KEY)), _hows(lines)
 
     first, hows = cached_load()
     assert hows == dict.fromkeys(names, "parsed") and _summary(first) == _summary(parsed)
@@ -246,22 +249,30 @@ def test_the_record_cache_gives_what_parsing_gives_and_follows_the_files(
     assert len(set(root.iterdir()) - before) == 1 and len(before - set(root.iterdir())) == 1
     # A damaged entry, or one whose checksum is right but whose content is not records: parsed.
     staff = next(feed.glob("*_Complet_*_PersEducNat_*.xml"))
-    entry = root / RecordCache(feed).key(staff)  # type: ignore[operator]
+    entry = root / RecordCache(feed, KEY).key(staff)  # type: ignore[operator]
     blob = entry.read_bytes()
     at = blob.index(b"4001$")  # one digit of one value: still a valid marshal stream
     entry.write_bytes(blob[:at] + b"4009$" + blob[at + 5:])
     damaged, hows = cached_load()
     assert hows[staff.name] == "parsed" and _summary(damaged) == _summary(changed)
     data = marshal.dumps({"not": "records"})
-    entry.write_bytes(hashlib.blake2b(data, digest_size=32).digest() + data)
+    entry.write_bytes(hashlib.blake2b(data, key=KEY, digest_size=32).digest() + data)
     shaped, hows = cached_load()
     assert hows[staff.name] == "parsed" and _summary(shaped) == _summary(changed)
+    # Records of the right shape under any other key (or none) are never loaded.
+    forged = marshal.dumps(([("addRequest", "x", {}, {})], None))
+    for mac in (hashlib.blake2b(forged, digest_size=32), hashlib.blake2b(
+            forged, key=bytes(32), digest_size=32)):
+        entry.write_bytes(mac.digest() + forged)
+        again, hows = cached_load()
+        assert hows[staff.name] == "parsed" and _summary(again) == _summary(changed)
     # A file with a fault is never cached: its problem is found on every read.
     body = staff.read_bytes()
     staff.write_bytes(body[:body.rfind(b"<addRequest") + 25])
     for _ in range(2):
         faulty, hows = cached_load()
-        assert hows[staff.name] == "parsed" and not (root / RecordCache(feed).key(staff)).exists()  # type: ignore[operator]
+        assert hows[staff.name] == "parsed"
+        assert not (root / RecordCache(feed, KEY).key(staff)).exists()  # type: ignore[operator]
         assert any("malformed or truncated XML" in p.message and staff.name in p.file
                    for p in faulty.problems)
     assert _summary(faulty) == _summary(load(feed))
@@ -273,16 +284,16 @@ def test_a_dry_read_writes_no_cache_and_a_cache_others_can_write_is_not_used(
     generate([("0360005K", "Collège A", "036")], feed, date="20250901", seed=5,
              eleves_per_college=20)
     lines: list[str] = []
-    load(feed, lines.append, cache=RecordCache(feed, write=False))
+    load(feed, lines.append, cache=RecordCache(feed, KEY, write=False))
     assert not (feed / RecordCache.DIRNAME).exists() and set(_hows(lines).values()) == {"parsed"}
-    load(feed, cache=RecordCache(feed))
+    load(feed, cache=RecordCache(feed, KEY))
     root = feed / RecordCache.DIRNAME
     lines.clear()
-    load(feed, lines.append, cache=RecordCache(feed, write=False))
+    load(feed, lines.append, cache=RecordCache(feed, KEY, write=False))
     assert set(_hows(lines).values()) == {"cached"}  # a dry read uses what is there
     root.chmod(0o770)  # group-writable: someone else could plant records
     lines.clear()
-    load(feed, lines.append, cache=RecordCache(feed))
+    load(feed, lines.append, cache=RecordCache(feed, KEY))
     assert set(_hows(lines).values()) == {"parsed"}
 
 

@@ -279,6 +279,8 @@ def test_dry_run_writes_nothing(export: Path, farm: Farm, directory: Directory,
     assert not (feed / ".entfarm-cache").exists()  # not even the export's record cache
     run_import(feed, farm, directory, now=NOW)
     assert (feed / ".entfarm-cache").is_dir()
+    key = farm.state_dir / "aaf" / "record-cache.key"  # the MAC key of the farm's caches
+    assert len(key.read_bytes()) == 32 and stat.S_IMODE(key.stat().st_mode) == 0o600
 
 
 def test_a_second_import_of_the_farm_is_refused_while_one_runs(
