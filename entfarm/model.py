@@ -247,6 +247,17 @@ def _ipv4_network(value: str) -> ipaddress.IPv4Network:
                          f"host bits set, e.g. 10.36.5.0/24 ({exc})") from None
 
 
+def _private_network(value: str, what: str, longest: int) -> str:
+    """``value`` if it is a private IPv4 network with a prefix from /16 to /``longest``."""
+    net = _ipv4_network(value)
+    if not net.is_private:
+        raise ValueError(f"{value!r}: {what} is a private network (10.0.0.0/8, "
+                         "172.16.0.0/12 or 192.168.0.0/16)")
+    if not 16 <= net.prefixlen <= longest:
+        raise ValueError(f"{value!r}: expected a prefix from /16 to /{longest}")
+    return value
+
+
 def _ipv4_address(value: str) -> ipaddress.IPv4Address:
     try:
         return ipaddress.IPv4Address(value)
@@ -278,13 +289,7 @@ class SchoolLan(_Strict):
     @field_validator("subnet")
     @classmethod
     def _subnet(cls, value: str) -> str:
-        net = _ipv4_network(value)
-        if not net.is_private:
-            raise ValueError(f"{value!r}: a school LAN is a private network (10.0.0.0/8, "
-                             "172.16.0.0/12 or 192.168.0.0/16)")
-        if not 16 <= net.prefixlen <= 28:
-            raise ValueError(f"{value!r}: expected a prefix from /16 to /28")
-        return value
+        return _private_network(value, "a school LAN", 28)
 
     @field_validator("address", "router")
     @classmethod
@@ -420,20 +425,14 @@ class Lab(_Strict):
         "restarts: services bind to their host's address. Change it if Docker reports that "
         "it overlaps another network.",
     )
+    publish: LabPublish = Field(
+        default_factory=LabPublish, description="Loopback ports publishing the edge proxy."
+    )
 
     @field_validator("subnet")
     @classmethod
     def _subnet(cls, value: str) -> str:
-        net = _ipv4_network(value)
-        if not net.is_private:
-            raise ValueError(f"{value!r}: the lab network is a private network (10.0.0.0/8, "
-                             "172.16.0.0/12 or 192.168.0.0/16)")
-        if not 16 <= net.prefixlen <= 26:
-            raise ValueError(f"{value!r}: expected a prefix from /16 to /26")
-        return value
-    publish: LabPublish = Field(
-        default_factory=LabPublish, description="Loopback ports publishing the edge proxy."
-    )
+        return _private_network(value, "the lab network", 26)
 
 
 class FarmSpec(_Strict):
