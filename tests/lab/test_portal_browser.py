@@ -26,6 +26,7 @@ from selenium.common.exceptions import (
     NoSuchElementException,
     StaleElementReferenceException,
     TimeoutException,
+    WebDriverException,
 )
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
@@ -130,11 +131,27 @@ def screenshot(driver: WebDriver, name: str) -> Path:
     return path
 
 
+def _page_replaced(exc: WebDriverException) -> bool:
+    """Chrome's word for an element of a page being replaced, when it is not a stale element
+    reference: an "unknown error" whose inspector message says the node left the document."""
+    return "does not belong to the document" in (exc.msg or "")
+
+
 def wait_for(driver: WebDriver, what: str, condition: Callable[[WebDriver], Any]) -> Any:
+    def check(d: WebDriver) -> Any:
+        try:
+            return condition(d)
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        except WebDriverException as exc:
+            if _page_replaced(exc):
+                return False
+            raise
+
     try:
-        # A page being replaced by the next one may lose the element a condition is reading.
-        ignored = (NoSuchElementException, StaleElementReferenceException)
-        return WebDriverWait(driver, WAIT, ignored_exceptions=ignored).until(condition)
+        # A page being replaced by the next one may lose the element a condition is reading:
+        # the condition is asked again, until it holds or the wait times out.
+        return WebDriverWait(driver, WAIT).until(check)
     except TimeoutException:
         shot = screenshot(driver, "timeout-" + "".join(c if c.isalnum() else "-" for c in what))
         raise AssertionError(f"waited {WAIT:.0f} s for {what}; at {driver.current_url} "
