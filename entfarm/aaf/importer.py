@@ -745,8 +745,10 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
     t0 = time.monotonic()
     # The export's readers fork before any thread starts; the directory is then read while the
     # export is parsed, and compute() takes those results.
-    cache = record_cache(farm, path, write=not dry_run) if use_cache else None
-    loading = start_load(path, cache=cache) if export is None else None
+    loading = None
+    if export is None:
+        cache = record_cache(farm, path, write=not dry_run) if use_cache else None
+        loading = start_load(path, cache=cache)
     queries = reads(farm.spec.academie.base_dn, full_compare)
     _tops, _base, people, _structures, _groups = queries
     directory.prefetch(queries, in_child=[people])

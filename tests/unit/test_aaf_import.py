@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from aaf_conftest import REPO, Slapd, slapd
 
+from entfarm.aaf.export import load
 from entfarm.aaf.generate import generate, generate_delta, modify_request
 from entfarm.aaf.importer import Directory, ImportRefused, import_lock, run_import
 from entfarm.aaf.ldif import target
@@ -281,6 +282,20 @@ def test_dry_run_writes_nothing(export: Path, farm: Farm, directory: Directory,
     assert (feed / ".entfarm-cache").is_dir()
     key = farm.state_dir / "aaf" / "record-cache.key"  # the MAC key of the farm's caches
     assert len(key.read_bytes()) == 32 and stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_an_export_already_read_makes_no_record_cache(export: Path, farm: Farm,
+                                                     directory: Directory,
+                                                     tmp_path: Path) -> None:
+    """A wave reads its export once and passes it: the import neither reads nor makes a cache,
+    nor the farm's key."""
+    feed = _copy(export, tmp_path)
+    shutil.rmtree(feed / ".entfarm-cache", ignore_errors=True)
+    read = load(feed)
+    result = run_import(feed, farm, directory, now=NOW, export=read)
+    assert result.changes.counts["people add"] > 150
+    assert not (feed / ".entfarm-cache").exists()
+    assert not (farm.state_dir / "aaf" / "record-cache.key").exists()
 
 
 def test_a_second_import_of_the_farm_is_refused_while_one_runs(
