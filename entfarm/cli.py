@@ -465,9 +465,8 @@ def _render_export(export: Any) -> None:
               "taken and restored on failure, slapadd, slapd started). --online: ldapmodify "
               "only. Default: bulk for a first import of at least 10 000 entries.")
 @click.option("--streams", default=4, show_default=True, type=click.IntRange(1, 16),
-              help="ldapmodify connections writing side by side when records are written one "
-              "by one: a directory without LDAP transactions, or the records of a transaction "
-              "it refused (1: one after the other, to spare a busy directory).")
+              help="ldapmodify connections writing side by side (1: one after the other, to "
+              "spare a busy directory).")
 @click.option("--no-cache", is_flag=True,
               help="Parse every export file, without the records kept from the last import in "
               "the export directory's .entfarm-cache (which this run then leaves as it is).")

@@ -1,7 +1,7 @@
 """``entfarm aaf import``: desired state from an export, current state from the directory, one
-change set, refusals before any write, then ldapmodify (in LDAP transactions when the server
-takes them, else up to 4 side by side, run of independent records after run); or, for a first
-import, an offline bulk load of its adds (:mod:`.bulk`) and ldapmodify for the rest.
+change set, refusals before any write, then ldapmodify (up to 4 side by side, run of
+independent records after run); or, for a first import, an offline bulk load of its adds
+(:mod:`.bulk`) and ldapmodify for the rest.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .mapping import (
     group_memberships,
     person_entry,
 )
-from .transport import Transport, TransportError
+from .transport import Transport
 
 Progress = Callable[[str], None]
 Query = tuple[str, str, tuple[str, ...], str]  # base, filter, attributes, scope
@@ -64,13 +64,6 @@ BULK_MIN_ADDS = 10_000
 # ldapmodify processes writing side by side, and the fewest records each is given.
 APPLY_STREAMS = 4
 STREAM_MIN_RECORDS = 50
-# The most change records in one LDAP transaction (RFC 5805). slapd runs a transaction's
-# operations in one write transaction of its database: one flush to disk for all of them, where
-# each record alone costs one. On the lab (slapd 2.5, two replicas connected) 2 000 modifies
-# took 0.8 s in one transaction and 2.0 s one by one; past about 4 000 a transaction grows
-# slower per record (8 000: 3.9 s), and slapd holds its operations in memory until the end.
-TXN_MAX_RECORDS = 2000
-_TXN_EXTENSIONS = ("1.3.6.1.1.21.1", "1.3.6.1.1.21.3")  # Start and End Transaction
 _UAI_IN_DN = re.compile(r"^ENTStructureUAI=([^,]+),", re.IGNORECASE)
 
 
@@ -165,7 +158,6 @@ class Directory:
         self.t = transport
         self.base = base_dn
         self.streams = streams  # ldapmodify side by side at most (see apply_parts)
-        self._transactions: bool | None = None  # whether the server offers RFC 5805
         self._pending: dict[Query, Future[dict[str, ldif.Entry]]
                             | forked.Forked[dict[str, ldif.Entry]]] = {}
 
@@ -243,42 +235,9 @@ class Directory:
         if text:
             self.t.run(["ldapmodify", *self._auth()], stdin=text.encode("utf-8"))
 
-    def transactions(self) -> bool:
-        """Whether the server takes LDAP transactions (its root DSE lists Start and End
-        Transaction; slapd 2.5 does, for back-mdb), asked once."""
-        if self._transactions is None:
-            out = self.t.run(["ldapsearch", "-LLL", *self._auth(), "-o", "ldif-wrap=no",
-                              "-s", "base", "-b", "", "(objectClass=*)", "supportedExtension"])
-            offered = {v for e in ldif.parse(out, ("supportedExtension",)).values()
-                       for v in e.get("supportedExtension", [])}
-            self._transactions = all(oid in offered for oid in _TXN_EXTENSIONS)
-        return self._transactions
-
     def apply_parts(self, parts: list[str], streams: int | None = None) -> None:
-        """Apply change records in their order: in LDAP transactions of up to TXN_MAX_RECORDS
-        records, one after the other, when the server takes them; else record by record (see
-        :meth:`apply_records`).
-
-        A transaction that the server refuses wrote nothing (slapd does not say which record
-        it refused): its records are then applied record by record, which writes the valid
-        ones and fails on the bad one with its message, as an import without transactions
-        does. Running the same import again applies what is missing."""
-        if not parts:
-            return
-        if not self.transactions():
-            self.apply_records(parts, streams)
-            return
-        for i in range(0, len(parts), TXN_MAX_RECORDS):
-            chunk = parts[i:i + TXN_MAX_RECORDS]
-            try:
-                self._transaction(chunk)
-            except TransportError:
-                self.apply_records(chunk, streams)
-
-    def apply_records(self, parts: list[str], streams: int | None = None) -> None:
-        """Apply change records in their order, one write each, each run of independent
-        records (see :func:`independent_runs`) split over up to ``streams`` ldapmodify run
-        side by side.
+        """Apply change records in their order, each run of independent records (see
+        :func:`independent_runs`) split over up to ``streams`` ldapmodify run side by side.
 
         slapd flushes each write transaction to disk; transactions of concurrent connections
         share the file system's journal commits (one ldapmodify waits for every flush of its
@@ -304,12 +263,6 @@ class Directory:
 
     def _ldapmodify(self, parts: list[str]) -> None:
         self.t.run(["ldapmodify", *self._auth()],
-                   stdin=b"".join(part.encode("utf-8") for part in parts))
-
-    def _transaction(self, parts: list[str]) -> None:
-        """The records in one LDAP transaction, ended by ldapmodify with a commit: all
-        written, or, when the server refuses any of them, none."""
-        self.t.run(["ldapmodify", *self._auth(), "-E", "txn"],
                    stdin=b"".join(part.encode("utf-8") for part in parts))
 
 
@@ -859,10 +812,8 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                     timings.update(report.timings)
                     online = report.online
                 if online:
-                    side = f"up to {directory.streams} side by side"
-                    how = (f"in LDAP transactions of up to {TXN_MAX_RECORDS}, record by record "
-                           f"on a refused one ({side})" if directory.transactions() else side)
-                    progress(f"applying {len(online)} change(s) with ldapmodify ({how})")
+                    progress(f"applying {len(online)} change(s) with ldapmodify "
+                             f"(up to {directory.streams} side by side)")
                     try:
                         directory.apply_parts(online)
                     except UserError as exc:

@@ -330,8 +330,7 @@ def test_cli_online_and_bulk_flags(export: Path, slapd: Slapd, spy: _Spy, tmp_pa
                                       str(tmp_path / "online"), "--online", "--streams", "1"])
     assert result.exit_code == 0, result.output
     assert spy.stops == 0 and "slapcat backup" not in result.output
-    assert ("in LDAP transactions of up to 2000, record by record on a refused one (up to 1 "
-            "side by side)") in result.output
+    assert "(up to 1 side by side)" in result.output
     automatic = slapd.new_base()
     _farm(automatic, tmp_path / "automatic")
     result = CliRunner().invoke(cli, ["aaf", "import", str(export), "-i",

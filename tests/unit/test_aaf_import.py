@@ -18,7 +18,6 @@ from entfarm.aaf.export import load
 from entfarm.aaf.generate import generate, generate_delta, modify_request
 from entfarm.aaf.importer import Directory, ImportRefused, import_lock, run_import
 from entfarm.aaf.ldif import target
-from entfarm.aaf.transport import Running, Transport
 from entfarm.errors import UserError
 from entfarm.model import Farm, load_farm
 
@@ -389,80 +388,12 @@ def test_parallel_streams_finish_and_report_a_failed_one(directory: Directory) -
     assert got == {f"p{i}" for i in [*range(10), *range(50, 200)]}
 
 
-class _Recording:
-    """The test slapd's transport, keeping the command lines it ran."""
-
-    def __init__(self, transport: Transport) -> None:
-        self.inner = transport
-        self.uri = transport.uri
-        self.commands: list[list[str]] = []
-
-    def run(self, argv: list[str], stdin: bytes | None = None, ok: tuple[int, ...] = (0,),
-            compress: bool = False) -> bytes:
-        self.commands.append(argv)
-        return self.inner.run(argv, stdin=stdin, ok=ok, compress=compress)
-
-    def describe(self) -> str:
-        return self.inner.describe()
-
-    def start(self, argv: list[str]) -> Running:
-        return self.inner.start(argv)
-
-
-def test_changes_go_in_transactions_and_a_refused_one_writes_nothing(
-        directory: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
-    from entfarm.aaf import importer, ldif
-    from entfarm.aaf.transport import TransportError
-
-    monkeypatch.setattr(importer, "TXN_MAX_RECORDS", 50)
-    recording = _Recording(directory.t)
-    writer = Directory(recording, directory.base)
-    people = f"ou=people,{directory.base}"
-
-    def person(i: int, sn: str = "P") -> str:
-        attrs = {"objectClass": ["inetOrgPerson"], "uid": [f"p{i}"], "cn": [f"P {i}"]}
-        return ldif.add(f"uid=p{i},{people}", {**attrs, "sn": [sn]} if sn else attrs)
-
-    def written() -> set[str]:
-        found = directory.search(people, "(objectClass=inetOrgPerson)", ("uid",))
-        return {e["uid"][0] for e in found.values()}
-
-    container = ldif.add(people, {"objectClass": ["organizationalUnit"], "ou": ["people"]})
-    writer.apply_parts([container, *[person(i) for i in range(119)]])
-    assert written() == {f"p{i}" for i in range(119)}
-    modifies = [c for c in recording.commands if c[0] == "ldapmodify"]
-    assert len(modifies) == 3 and all(c[-2:] == ["-E", "txn"] for c in modifies)  # 50, 50, 20
-
-    # A transaction with a record the server refuses (no sn) writes none of its records.
-    before = directory.dump()
-    batch = [person(i) for i in range(200, 240)]
-    batch[20] = person(220, sn="")
-    with pytest.raises(TransportError, match="ldapmodify failed"):
-        writer._transaction(batch)
-    assert directory.dump() == before
-
-    # apply_parts: the first transaction is written; the refused one is applied record by
-    # record up to its bad record, which fails the apply; the last is not tried.
-    recording.commands.clear()
-    parts = [person(i) for i in range(300, 420)]
-    parts[60] = person(360, sn="")
-    with pytest.raises(TransportError, match="ldapmodify failed"):
-        writer.apply_parts(parts, streams=1)
-    assert written() - {f"p{i}" for i in range(119)} == {f"p{i}" for i in range(300, 360)}
-    tried = [c[-2:] == ["-E", "txn"] for c in recording.commands if c[0] == "ldapmodify"]
-    assert tried == [True, True, False]
-
-
 def test_failed_apply_keeps_the_codes_of_the_accounts_it_wrote(
         export: Path, farm: Farm, directory: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
     from entfarm.aaf.transport import TransportError
 
     real = Directory._ldapmodify
     failed: list[int] = []
-
-    def refused(self: Directory, parts: list[str]) -> None:
-        # What the server does with a transaction holding a record it refuses: nothing written.
-        raise TransportError("ldapmodify failed on local (exit 80): transaction refused", 80)
 
     def half_then_fail(self: Directory, parts: list[str]) -> None:
         if not failed and ",ou=people," in parts[0].partition("\n")[0]:
@@ -471,7 +402,6 @@ def test_failed_apply_keeps_the_codes_of_the_accounts_it_wrote(
             raise TransportError("ldapmodify failed on local (exit 80): simulated", 80)
         real(self, parts)
 
-    monkeypatch.setattr(Directory, "_transaction", refused)
     monkeypatch.setattr(Directory, "_ldapmodify", half_then_fail)
     with pytest.raises(UserError) as caught:
         run_import(export, farm, directory, now=NOW, bulk=False)
@@ -481,7 +411,7 @@ def test_failed_apply_keeps_the_codes_of_the_accounts_it_wrote(
     [csv_file] = (farm.state_dir / "aaf" / "distribution" / UAI).glob("comptes-*.csv")
     kept = {row.split(";")[0] for row in csv_file.read_text(encoding="utf-8").splitlines()[1:]}
     assert kept and kept == present  # every written account's code, no code of a missing one
-    monkeypatch.undo()
+    monkeypatch.setattr(Directory, "_ldapmodify", real)
     again = run_import(export, farm, directory, now=NOW + dt.timedelta(hours=1), bulk=False)
     rows = [row.split(";")[0] for path in again.distribution
             for row in path.read_text(encoding="utf-8").splitlines()[1:]]
