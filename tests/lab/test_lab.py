@@ -169,3 +169,28 @@ def test_a_host_gone_from_the_farm_is_removed(
     assert {s.action for s in states if s.host != "ghost"} == {"unchanged"}
     with pytest.raises(docker.errors.NotFound):
         client.containers.get(ghost.id)
+
+
+def test_a_subnet_docker_refuses_is_named_with_the_fix(
+    first_up: list[lab.HostState], farm: Farm, client: Any, tmp_path: Path
+) -> None:
+    """A second farm asking for the lab's own subnet: Docker refuses the overlap, and the
+    error names lab.subnet and the farm file; nothing is created, the lab keeps its network."""
+    text = (ROOT / "inventories" / "lab" / "farm.yml").read_text(encoding="utf-8")
+    text = text.replace("  name: lab\n", "  name: labclash\n", 1)
+    text = text.replace("  network: entfarm-lab\n",
+                        f"  network: entfarm-labclash\n  subnet: {farm.lab.subnet}\n", 1)
+    (tmp_path / "farm.yml").write_text(text, encoding="utf-8")
+    clash = load_farm(tmp_path)
+    assert clash.lab.network == "entfarm-labclash" and clash.lab.subnet == farm.lab.subnet
+    with pytest.raises(lab.LabError) as caught:
+        lab._ensure_network(client, clash, None)
+    message = str(caught.value)
+    assert f"Docker cannot create the lab network entfarm-labclash on {farm.lab.subnet}" \
+        in message
+    assert f"choose another lab.subnet in {clash.file}" in message
+    assert not [n for n in client.networks.list(names=["entfarm-labclash"])
+                if n.name == "entfarm-labclash"]
+    network = client.networks.get(farm.lab.network)
+    assert {c.name for c in network.containers} >= {farm.container_name(h.name)
+                                                    for h in farm.hosts()}
