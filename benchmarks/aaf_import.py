@@ -23,11 +23,28 @@ Complet that the day before's import read. ``--no-cache`` parses every file in e
 transport with the real CLI (``python -m entfarm.cli aaf import``); the reference stays a local
 slapadd on this host (same machine, the container shares its kernel and disks). Its full import
 takes the CLI's bulk path, which stops and starts the lab's slapd (systemctl in the container);
-``--online`` keeps slapd up. It needs an empty ``ou=people`` (docs/performance.md says how).
+``--online`` keeps slapd up. It needs an empty ``ou=people``: ``--reset`` empties the lab's
+directory and redeploys it (``entfarm deploy --tags directory --limit idp``), then empties
+every school server's replica so that it refills from the new database (a replica kept
+across such a wipe can stay wrong while it believes itself in sync: entfarm/replication.py).
+
+The school servers' replicas are part of what a Delta costs the directory. ``--replicas``
+says in which state the Delta finds them:
+
+  sync     (default) every replica holds exactly its share of the provider, at the
+           provider's contextCSN, before the no-change and the Delta (waited for, and the
+           wait reported): the steady state of a farm
+  refresh  as sync, then every replica emptied and restarted just before the Delta, so that
+           it runs during their full refresh (a rebuilt school server, the worst case)
+  any      no wait, the state only read and reported (the method before 2026-12-07)
+
+After the Delta the script waits until every replica is in sync again and reports how long
+that took; a replica still wrong then is refilled, so that no run leaves one behind.
 
     .venv/bin/python benchmarks/aaf_import.py                 # ~100 000 persons, local slapd
     .venv/bin/python benchmarks/aaf_import.py --persons 20000 # quicker
-    .venv/bin/python benchmarks/aaf_import.py --lab           # into the lab directory
+    .venv/bin/python benchmarks/aaf_import.py --lab --reset   # into the lab directory
+    .venv/bin/python benchmarks/aaf_import.py --lab --reset --replicas refresh
     .venv/bin/python benchmarks/aaf_import.py --lab --warm    # its data file read first
     .venv/bin/python benchmarks/aaf_import.py --lab --no-cache  # every file parsed each time
 """
@@ -166,6 +183,100 @@ def _base_entry() -> str:
             "dc: ac-orleans-tours\no: ac-orleans-tours\n\n")
 
 
+# -- the lab's directory and its replicas ---------------------------------------------------------
+
+SYNC_TIMEOUT = 600.0
+EMPTY = ("systemctl stop slapd && rm -f /var/lib/ldap/data.mdb /var/lib/ldap/lock.mdb && "
+         "systemctl start slapd")
+
+
+class LabDirectory:
+    """The lab's directory host and its school servers' replicas, reached as the farm reaches
+    them (entfarm.aaf.transport.for_host), compared by entfarm.replication."""
+
+    def __init__(self) -> None:
+        from entfarm.aaf.transport import for_farm, for_host
+        from entfarm.model import SCHOOL_SERVER_GROUP, load_farm
+
+        self.farm = load_farm(REPO / "inventories" / "lab")
+        self.provider = self._runner(for_farm(self.farm))
+        self.container = self.farm.container_name(self.farm.spec.services["directory"].hosts[0])
+        self.replicas = {h.name: self._runner(for_host(self.farm, h.name))
+                         for h in self.farm.hosts() if SCHOOL_SERVER_GROUP in h.services}
+
+    @staticmethod
+    def _runner(transport: Any) -> Any:
+        def run(command: str) -> str:
+            return bytes(transport.run(["sh", "-c", command])).decode("utf-8", "replace")
+        return run
+
+    def reset(self) -> None:
+        """Empty the directory, redeploy it, and empty every replica so that it refills."""
+        _say(f"reset: emptying {self.container}'s database and redeploying it")
+        self.provider(EMPTY)
+        subprocess.run([sys.executable, "-m", "entfarm.cli", "deploy", "-i",
+                        str(REPO / "inventories" / "lab"), "--tags", "directory", "--limit",
+                        self.farm.spec.services["directory"].hosts[0]],
+                       check=True, cwd=REPO, stdout=subprocess.DEVNULL, timeout=STEP_TIMEOUT)
+        self.empty_replicas()
+        self.wait("after the reset", timeout=120)
+
+    def empty_replicas(self) -> None:
+        for name, run in self.replicas.items():
+            _say(f"replica {name}: emptied, slapd restarted")
+            run(EMPTY)
+
+    def states(self) -> list[dict[str, Any]]:
+        from entfarm.replication import replica_state
+
+        return [self._row(name, replica_state(self.provider, run), None)
+                for name, run in self.replicas.items()]
+
+    def wait(self, when: str, timeout: float = SYNC_TIMEOUT, strict: bool = True
+             ) -> list[dict[str, Any]]:
+        """Wait until every replica is in sync (seconds from the call); ``strict``: SystemExit
+        naming the ones that are not."""
+        from entfarm.replication import wait_in_sync
+
+        rows, late = [], []
+        start = time.monotonic()
+        for name, run in self.replicas.items():
+            left = max(1.0, timeout - (time.monotonic() - start))
+            state, _ = wait_in_sync(self.provider, run, timeout=left)
+            rows.append(self._row(name, state, time.monotonic() - start))
+            if not state.in_sync:
+                late.append(f"{name}: {state.describe()}")
+        _say(f"replicas {when}: " + ", ".join(
+            f"{r['host']} {'in sync' if r['in_sync'] else 'NOT in sync'} ({r['held']} entries, "
+            f"{r['seconds']:.1f} s)" for r in rows))
+        if late and strict:
+            raise SystemExit(f"replicas not in sync {when} after {timeout:.0f} s:\n  "
+                             + "\n  ".join(late))
+        return rows
+
+    def repair(self) -> list[str]:
+        """Refill every replica that is not in sync within a minute; the names refilled."""
+        from entfarm.replication import wait_in_sync
+
+        refilled = []
+        for name, run in self.replicas.items():
+            state, _ = wait_in_sync(self.provider, run, timeout=60)
+            if not state.in_sync:
+                _say(f"replica {name} left wrong ({state.describe()}): refilling it")
+                run(EMPTY)
+                refilled.append(name)
+        if refilled:
+            self.wait("after refilling", timeout=SYNC_TIMEOUT)
+        return refilled
+
+    @staticmethod
+    def _row(name: str, state: Any, seconds: float | None) -> dict[str, Any]:
+        return {"host": name, "in_sync": state.in_sync, "same_csn": state.same_csn,
+                "held": state.held, "expected": state.expected,
+                "missing": state.missing_count, "extra": state.extra_count,
+                "seconds": None if seconds is None else round(seconds, 1)}
+
+
 # -- measured steps -------------------------------------------------------------------------------
 
 
@@ -300,6 +411,11 @@ def main() -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="every import parses every export file (no record cache: see "
                         "entfarm.aaf.export.RecordCache)")
+    p.add_argument("--reset", action="store_true",
+                   help="--lab: empty the lab's directory, redeploy it and refill the school "
+                        "servers' replicas first")
+    p.add_argument("--replicas", choices=("sync", "refresh", "any"), default="sync",
+                   help="--lab: the replicas' state when the Delta starts (see above)")
     p.add_argument("--warm", action="store_true",
                    help="read the directory's data file into the page cache before the "
                         "no-change and Delta steps (see warm() and its caveat)")
@@ -320,8 +436,12 @@ def main() -> None:
     _say(f"exports: {info}")
 
     server: Server | None = None
+    lab_dir: LabDirectory | None = None
     if args.lab:
-        container = "entfarm-lab-idp"
+        lab_dir = LabDirectory()
+        container = lab_dir.container
+        if args.reset:
+            lab_dir.reset()
         probe = subprocess.run(["docker", "exec", container, "ldapsearch", "-LLL", "-Q", "-Y",
                                 "EXTERNAL", "-H", "ldapi:///", "-s", "base", "-b", BASE, "1.1"],
                                capture_output=True, check=False)
@@ -372,10 +492,22 @@ def main() -> None:
                     other.stop()
                 rows[name] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss, **json.loads(out)}
                 continue
+            replicas: dict[str, Any] = {}
+            if lab_dir and name != "full":
+                replicas["before"] = lab_dir.states() if args.replicas == "any" else \
+                    lab_dir.wait(f"before the {name}")
+                if name == "delta" and args.replicas == "refresh":
+                    lab_dir.empty_replicas()
             warmed = warm(args, server) if args.warm and name != "full" else None
             wall, rss, out, cpu = run_child(importer_argv(
                 args, complet, inventory, uri, root=server.root if server else None))
             row: dict[str, Any] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss}
+            if lab_dir and name == "delta":
+                # How long the Delta takes to reach every school server (from its end).
+                replicas["after"] = lab_dir.wait("after the delta", strict=False)
+                replicas["refilled"] = lab_dir.repair()
+            if replicas:
+                row["replicas"] = replicas
             if warmed is not None:
                 row["warm_s"] = round(warmed, 2)
             if not args.lab:
@@ -397,6 +529,7 @@ def main() -> None:
         "target": "lab container entfarm-lab-idp" if args.lab else "local throwaway slapd",
         "colleges": colleges, "persons": persons, "people_in_directory": people,
         "warm": args.warm, "record_cache": not args.no_cache,
+        "replicas": args.replicas if args.lab else None,
         "exports": info, "rows": rows,
     }
     print(f"\nAAF import, {persons} persons, {colleges} collèges, {results['target']}, "
@@ -413,6 +546,20 @@ def main() -> None:
         print(f"{name:<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} {r['cpu_s']:6.1f} "
               f"{r['rss_mib']:13.0f} "
               f"{r.get('changes', '?'):>8}  {limit}, <= 1 GiB: {'MET' if ok else 'NOT MET'}")
+    for name in ("no-change", "delta"):
+        seen = rows[name].get("replicas")
+        if not seen:
+            continue
+        before = ", ".join(f"{r['host']} {r['held']}/{r['expected']}"
+                           f"{'' if r['in_sync'] else ' NOT in sync'}" for r in seen["before"])
+        line = f"  replicas before the {name} ({args.replicas}): {before}"
+        if name == "delta" and args.replicas == "refresh":
+            line += "; then emptied, refreshing during the Delta"
+        if "after" in seen:
+            line += "; in sync again " + ", ".join(
+                f"{r['host']} {r['seconds']:.1f} s" if r["in_sync"] else
+                f"{r['host']} NOT (refilled)" for r in seen["after"]) + " after it"
+        print(line)
     if "full-online" in rows:
         r = rows["full-online"]
         print(f"{'(online)':<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} "

@@ -130,7 +130,14 @@ def for_farm(farm: Farm) -> LocalTransport:
     placement = farm.spec.services.get("directory")
     if placement is None:
         raise UserError(f"{farm.file}: no services.directory; the AAF import needs a directory")
-    host = next(h for h in farm.hosts() if h.name == placement.hosts[0])
+    return for_host(farm, placement.hosts[0])
+
+
+def for_host(farm: Farm, name: str) -> LocalTransport:
+    """The transport to one of the farm's hosts, as the farm reaches it."""
+    host = next((h for h in farm.hosts() if h.name == name), None)
+    if host is None:
+        raise UserError(f"{farm.file}: no host named {name!r}")
     reach = farm.reach(host)
     if reach.connection == "docker":
         return LocalTransport(prefix=["docker", "exec", "-i", reach.target])

@@ -18,6 +18,7 @@ from identity_helpers import Account, ldap_root_search, on_host, on_idp
 
 from entfarm.lab import school_lan
 from entfarm.model import Farm
+from entfarm.replication import replica_state, wait_in_sync
 
 pytestmark = pytest.mark.lab
 imported = helpers.imported
@@ -212,3 +213,48 @@ def test_backup_then_a_deleted_file_comes_back(schools: list[School]) -> None:
     restored = run(school.server, f"entfarm-school-restore {kept}", timeout=300)
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert run(school.server, f"cat {kept}").stdout == "cours du lundi\n"
+
+
+def runner(container: str) -> Any:
+    """entfarm.replication's Runner over docker exec; a failed command fails the test."""
+    def run_checked(command: str) -> str:
+        out = run(container, command)
+        assert out.returncode == 0, f"{container}: {command}: {out.stderr}"
+        return str(out.stdout)
+    return run_checked
+
+
+def test_a_wrong_replica_that_believes_itself_in_sync_is_caught_then_refilled(
+        schools: list[School], lab_farm: Farm) -> None:
+    """What the AAF benchmark's wipes did to the lab's replicas (docs/performance.md): an entry
+    the provider does not have, added behind slapd's back, so that the replica's contextCSN
+    stays the provider's. The verify suite's comparison names it; emptying the replica's
+    database and starting slapd again (what the role does when the syncrepl settings change)
+    refills it from the directory."""
+    school = schools[0]
+    base = lab_farm.spec.academie.base_dn
+    provider, replica = runner(helpers.IDP), runner(school.server)
+    before, waited = wait_in_sync(provider, replica, timeout=90)
+    assert before.in_sync, f"not in sync after {waited:.0f} s: {before.describe()}"
+    stale = f"cn={school.uai}$stale-by-test,ou=groups,{base}"
+    entry = f"dn: {stale}\nobjectClass: organizationalRole\ncn: {school.uai}$stale-by-test\n"
+    out = run(school.server, "systemctl stop slapd && slapadd -q -b "
+              f"{shlex.quote(base)} -l /dev/stdin <<'LDIF'\n{entry}LDIF\n"
+              "systemctl start slapd")
+    assert out.returncode == 0, out.stdout + out.stderr
+    try:
+        time.sleep(5)  # the consumer's reconnect, which sends its cookie
+        wrong = replica_state(provider, replica)
+        assert wrong.same_csn, wrong.describe()
+        assert (wrong.extra_count, wrong.missing_count) == (1, 0), wrong.describe()
+        assert wrong.extra == (stale.lower(),)
+        assert not wrong.in_sync
+        assert "believes itself in sync" in wrong.describe()
+        assert wrong.held == before.held + 1 and wrong.expected == before.expected
+    finally:
+        out = run(school.server, "systemctl stop slapd && rm -f /var/lib/ldap/data.mdb "
+                  "/var/lib/ldap/lock.mdb && systemctl start slapd")
+        assert out.returncode == 0, out.stdout + out.stderr
+    after, waited = wait_in_sync(provider, replica, timeout=120)
+    assert after.in_sync, f"not refilled after {waited:.0f} s: {after.describe()}"
+    assert after.held == before.held
