@@ -111,9 +111,18 @@ def _norm(dn: str) -> str:
 
 
 def _csn(run: Runner, base: str) -> tuple[str, ...]:
-    out = run(f"{SEARCH} -s base -b {shlex.quote(base)} contextCSN")
-    entry = next(iter(parse(out.encode(), ("contextCSN",)).values()), {})
-    return tuple(sorted(entry.get("contextCSN", [])))
+    """The contextCSN of the database holding ``base``: on its suffix entry, which is the
+    search base itself on a farm (one database per académie) or one of its parents."""
+    parts = [p for p in re.split(r"(?<!\\),", base) if p]
+    for i in range(len(parts)):
+        dn = ",".join(parts[i:])
+        # -M: a consumer whose search base is below its suffix keeps its cookie on a glue
+        # entry, which only manageDSAit shows.
+        out = run(f"{SEARCH} -M -s base -b {shlex.quote(dn)} contextCSN 2>/dev/null; true")
+        entry = next(iter(parse(out.encode(), ("contextCSN",)).values()), {})
+        if entry.get("contextCSN"):
+            return tuple(sorted(entry["contextCSN"]))
+    return ()
 
 
 def replica_state(provider: Runner, replica: Runner,

@@ -7,15 +7,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jinja2
 import pytest
 import yaml
+from aaf_conftest import REPO as ROOT_DIR
 from aaf_conftest import ROLE, SlapdProcess, init_slapd
+
+from entfarm.replication import wait_in_sync
 
 BASE = "dc=ac-test,dc=fr"
 A, B = "0360005K", "0450022E"
@@ -123,3 +128,79 @@ def test_replication_account_reads_its_etablissement_only(server: SlapdProcess) 
         entry = seen[f"uid={uid},ou=people,{BASE}"]
         assert any(x.startswith("ENTPersonNTHash: ") for x in entry), entry
         assert not any(x.startswith("userPassword") for x in entry), entry
+
+
+def _replica_filter(uai: str) -> str:
+    """The consumer filter of roles/school_server, rendered for ``uai`` under the test base."""
+    template = (ROOT_DIR / "roles" / "school_server" / "templates" / "etc" / "ldap" / "entfarm"
+                / "syncrepl.ldif.j2").read_text(encoding="utf-8")
+    found = re.search(r'filter="([^"]+)"', template)
+    assert found, "no filter in the school_server syncrepl template"
+    return jinja2.Template(found.group(1)).render(school_server__uai=uai,
+                                                  school_server__base_dn=BASE)
+
+
+def _person(uid: str, uais: list[str]) -> str:
+    return (f"dn: uid={uid},ou=people,{BASE}\nchangetype: add\nobjectClass: inetOrgPerson\n"
+            f"objectClass: ENTPerson\nuid: {uid}\ncn: {uid}\nsn: {uid}\n"
+            f"ENTPersonJointure: AAF${uid}\n"
+            + "".join(f"ENTPersonEtablissements: ENTStructureUAI={u},ou=structures,{BASE}\n"
+                      for u in uais) + "\n")
+
+
+def test_a_school_replica_loses_whoever_leaves_its_etablissement(
+        server: SlapdProcess, tmp_path: Path) -> None:
+    """A real syncrepl consumer bound as the replication account, with the school server's
+    own filter: a person who stops belonging to the établissement and a person deleted must
+    leave the replica too (without the role's "entry without objectClass" rule, syncprov drops
+    both deletes and the replica keeps them)."""
+    _ldap(server, _person("c", [A]) + _person("ac", [A, B]))
+    init_slapd(tmp_path)
+    consumer = SlapdProcess(tmp_path)
+    consumer.start()
+    try:
+        subprocess.run(["ldapmodify", "-Q", "-Y", "EXTERNAL", "-H", consumer.uri], check=True,
+                       capture_output=True, text=True, input=(
+            "dn: olcDatabase={1}mdb,cn=config\nchangetype: modify\nadd: olcSyncrepl\n"
+            f"olcSyncrepl: rid=002 provider={server.uri} bindmethod=simple "
+            f'binddn="{REPLICA}" credentials="{PASSWORD}" searchbase="{BASE}" '
+            f'scope=sub type=refreshAndPersist retry="1 +" '
+            f'filter="{_replica_filter(A)}"\n'))
+        provider, replica = _runner(server), _runner(consumer)
+
+        def synced(what: str) -> set[str]:
+            state, waited = wait_in_sync(provider, replica, timeout=20, interval=0.2)
+            assert state.in_sync, f"{what}: after {waited:.1f} s, {state.describe()}"
+            return {dn[4:].split(",")[0][4:] for dn in replica(
+                f"ldapsearch -LLL -Q -Y EXTERNAL -H ldapi:/// -b ou=people,{BASE} 1.1"
+            ).split("\n") if dn.startswith("dn: uid=")}
+
+        assert synced("first refresh") == {"a", "ab", "c", "ac"}
+        _ldap(server, f"dn: uid=ac,ou=people,{BASE}\nchangetype: modify\n"
+                      f"delete: ENTPersonEtablissements\nENTPersonEtablissements: "
+                      f"ENTStructureUAI={A},ou=structures,{BASE}\n\n")
+        assert synced("ac left the établissement") == {"a", "ab", "c"}
+        _ldap(server, f"dn: uid=c,ou=people,{BASE}\nchangetype: delete\n\n")
+        assert synced("c deleted") == {"a", "ab"}
+        _ldap(server, f"dn: uid=ac,ou=people,{BASE}\nchangetype: modify\n"
+                      f"add: ENTPersonEtablissements\nENTPersonEtablissements: "
+                      f"ENTStructureUAI={A},ou=structures,{BASE}\n\n")
+        assert synced("ac came back") == {"a", "ab", "ac"}
+    finally:
+        consumer.stop()
+        _ldap(server, f"dn: uid=ac,ou=people,{BASE}\nchangetype: delete\n\n")
+
+
+def _ldap(server: SlapdProcess, text: str) -> None:
+    subprocess.run(["ldapmodify", "-a", "-Q", "-Y", "EXTERNAL", "-H", server.uri],
+                   input=text.encode(), check=True, capture_output=True)
+
+
+def _runner(server: SlapdProcess) -> Any:
+    """entfarm.replication's Runner for a test server (its socket in place of ldapi:///)."""
+    def run(command: str) -> str:
+        done = subprocess.run(["sh", "-c", command.replace("ldapi:///", server.uri)],
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+        return done.stdout
+    return run

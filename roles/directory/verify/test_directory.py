@@ -9,6 +9,7 @@ Nothing is written to the directory.
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,15 @@ def test_password_hashes_unreadable_in_acl(host: Any) -> None:
         "to attrs=userPassword,ENTPersonCodeActivation by self =xw by anonymous auth by * none"
         in out
     )
+
+
+def test_replicas_are_told_who_leaves(host: Any) -> None:
+    """The rule without which syncprov drops the deletes it owes the school replicas
+    (roles/directory/vars/main.yml, directory__access)."""
+    out = root_search(host, "cn=config", "(olcSuffix=*)", "olcAccess")
+    rule = re.compile(r'to dn\.subtree="[^"]+" filter=\(!\(objectClass=\*\)\) attrs=entry '
+                      r'by dn\.children="ou=replicas,[^"]+" read by \* break')
+    assert rule.search(out), "no access rule letting replication accounts receive deletes"
 
 
 def test_slapcat_timer_enabled(host: Any) -> None:
