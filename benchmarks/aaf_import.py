@@ -36,6 +36,9 @@ says in which state the Delta finds them:
            wait reported): the steady state of a farm
   refresh  as sync, then every replica emptied and restarted just before the Delta, so that
            it runs during their full refresh (a rebuilt school server, the worst case)
+  stopped  as sync, then every replica's slapd stopped for the Delta and started after it:
+           the Delta without replication, and the replicas' catch-up from the provider's
+           session log when they reconnect
   any      no wait, the state only read and reported (the method before 2026-12-07)
 
 After the Delta the script waits until every replica is in sync again and reports how long
@@ -220,6 +223,11 @@ class LabDirectory:
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL, timeout=STEP_TIMEOUT)
         self.empty_replicas()
         self.wait("after the reset", timeout=120)
+
+    def run_on_replicas(self, command: str, what: str) -> None:
+        for name, run in self.replicas.items():
+            _say(f"replica {name}: {what}")
+            run(command)
 
     def empty_replicas(self) -> None:
         for name, run in self.replicas.items():
@@ -414,7 +422,7 @@ def main() -> None:
     p.add_argument("--reset", action="store_true",
                    help="--lab: empty the lab's directory, redeploy it and refill the school "
                         "servers' replicas first")
-    p.add_argument("--replicas", choices=("sync", "refresh", "any"), default="sync",
+    p.add_argument("--replicas", choices=("sync", "refresh", "stopped", "any"), default="sync",
                    help="--lab: the replicas' state when the Delta starts (see above)")
     p.add_argument("--warm", action="store_true",
                    help="read the directory's data file into the page cache before the "
@@ -498,12 +506,17 @@ def main() -> None:
                     lab_dir.wait(f"before the {name}")
                 if name == "delta" and args.replicas == "refresh":
                     lab_dir.empty_replicas()
+                if name == "delta" and args.replicas == "stopped":
+                    lab_dir.run_on_replicas("systemctl stop slapd", "slapd stopped")
             warmed = warm(args, server) if args.warm and name != "full" else None
             wall, rss, out, cpu = run_child(importer_argv(
                 args, complet, inventory, uri, root=server.root if server else None))
             row: dict[str, Any] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss}
             if lab_dir and name == "delta":
-                # How long the Delta takes to reach every school server (from its end).
+                if args.replicas == "stopped":
+                    lab_dir.run_on_replicas("systemctl start slapd", "slapd started")
+                # How long the Delta takes to reach every school server (from its end; with
+                # --replicas stopped, from their restart).
                 replicas["after"] = lab_dir.wait("after the delta", strict=False)
                 replicas["refilled"] = lab_dir.repair()
             if replicas:
@@ -512,6 +525,12 @@ def main() -> None:
                 row["warm_s"] = round(warmed, 2)
             if not args.lab:
                 row.update(json.loads(out))
+            else:  # the CLI's own summary line: "N change(s) applied; read 1.0 s, …"
+                said = re.search(r"(\d+) change\(s\) (?:applied|computed); (.*)", out)
+                if said:
+                    row["changes"] = int(said.group(1))
+                    row["timings"] = {k: float(v) for k, v in
+                                      re.findall(r"([\w-]+) ([\d.]+) s", said.group(2))}
             rows[name] = row
         people = server.count_people() if server else None
     finally:
@@ -555,6 +574,8 @@ def main() -> None:
         line = f"  replicas before the {name} ({args.replicas}): {before}"
         if name == "delta" and args.replicas == "refresh":
             line += "; then emptied, refreshing during the Delta"
+        if name == "delta" and args.replicas == "stopped":
+            line += "; then stopped for the Delta and started after it"
         if "after" in seen:
             line += "; in sync again " + ", ".join(
                 f"{r['host']} {r['seconds']:.1f} s" if r["in_sync"] else

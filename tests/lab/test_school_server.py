@@ -226,9 +226,9 @@ def runner(container: str) -> Any:
 
 def test_a_wrong_replica_that_believes_itself_in_sync_is_caught_then_refilled(
         schools: list[School], lab_farm: Farm) -> None:
-    """What the AAF benchmark's wipes did to the lab's replicas (docs/performance.md): an entry
-    the provider does not have, added behind slapd's back, so that the replica's contextCSN
-    stays the provider's. The verify suite's comparison names it; emptying the replica's
+    """What dropped deletes left on the lab's replicas (docs/performance.md): an entry the
+    provider does not have, added behind slapd's back, so that the replica's contextCSN stays
+    the provider's. The verify suite's comparison names it; emptying the replica's
     database and starting slapd again (what the role does when the syncrepl settings change)
     refills it from the directory."""
     school = schools[0]

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,16 @@ class SlapdProcess:
                 raise RuntimeError(f"slapd (pid {pid}) did not stop")
             time.sleep(0.05)
         self.proc = None
+
+    def runner(self) -> Callable[[str], str]:
+        """entfarm.replication's Runner for this server: its commands, ``ldapi:///`` (a farm
+        host's own socket) pointed at this server's socket; a failed command fails the test."""
+        def run(command: str) -> str:
+            done = subprocess.run(["sh", "-c", command.replace("ldapi:///", self.uri)],
+                                  capture_output=True, text=True, check=False)
+            assert done.returncode == 0, f"{command}: {done.stderr}"
+            return done.stdout
+        return run
 
     def bulk_target(self) -> BulkTarget:
         """The importer's offline-load target for this slapd."""

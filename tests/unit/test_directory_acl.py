@@ -166,7 +166,7 @@ def test_a_school_replica_loses_whoever_leaves_its_etablissement(
             f'binddn="{REPLICA}" credentials="{PASSWORD}" searchbase="{BASE}" '
             f'scope=sub type=refreshAndPersist retry="1 +" '
             f'filter="{_replica_filter(A)}"\n'))
-        provider, replica = _runner(server), _runner(consumer)
+        provider, replica = server.runner(), consumer.runner()
 
         def synced(what: str) -> set[str]:
             state, waited = wait_in_sync(provider, replica, timeout=20, interval=0.2)
@@ -195,12 +195,3 @@ def _ldap(server: SlapdProcess, text: str) -> None:
     subprocess.run(["ldapmodify", "-a", "-Q", "-Y", "EXTERNAL", "-H", server.uri],
                    input=text.encode(), check=True, capture_output=True)
 
-
-def _runner(server: SlapdProcess) -> Any:
-    """entfarm.replication's Runner for a test server (its socket in place of ldapi:///)."""
-    def run(command: str) -> str:
-        done = subprocess.run(["sh", "-c", command.replace("ldapi:///", server.uri)],
-                              capture_output=True, text=True, check=False)
-        assert done.returncode == 0, f"{command}: {done.stderr}"
-        return done.stdout
-    return run

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +23,6 @@ FILTER = f"(|(objectClass=organization)(objectClass=organizationalUnit)(cn={UAI}
 class Pair:
     provider: SlapdProcess
     replica: SlapdProcess
-
-    @staticmethod
-    def runner(server: SlapdProcess) -> Callable[[str], str]:
-        """entfarm.replication's commands, with ``ldapi:///`` (the host's own socket on a farm
-        host) pointed at this test server's socket."""
-        def run(command: str) -> str:
-            done = subprocess.run(["sh", "-c", command.replace("ldapi:///", server.uri)],
-                                  capture_output=True, text=True, check=False)
-            assert done.returncode == 0, f"{command}: {done.stderr}"
-            return done.stdout
-        return run
 
     @staticmethod
     def set_provider(replica: SlapdProcess, uri: str) -> None:
@@ -85,18 +74,18 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
 
 
 def test_the_consumer_is_read_from_the_replicas_own_settings(pair: Pair) -> None:
-    consumer = consumer_of(Pair.runner(pair.replica))
+    consumer = consumer_of(pair.replica.runner())
     assert (consumer.searchbase, consumer.scope, consumer.filter) == ("dc=fr", "sub", FILTER)
 
 
 def test_a_server_with_no_syncrepl_is_not_taken_for_a_replica(pair: Pair) -> None:
     with pytest.raises(ValueError, match="not a replica"):
-        consumer_of(Pair.runner(pair.provider))
+        consumer_of(pair.provider.runner())
 
 
 def test_a_replica_in_sync_then_behind_then_wrong_while_believing_itself_in_sync(
         pair: Pair, tmp_path: Path) -> None:
-    provider, replica = Pair.runner(pair.provider), Pair.runner(pair.replica)
+    provider, replica = pair.provider.runner(), pair.replica.runner()
     state, _ = wait_in_sync(provider, replica, timeout=30, interval=0.2)
     assert state.in_sync, state.describe()
     # the filter's share only: the other collège's group stays on the provider
