@@ -230,9 +230,7 @@ class LabDirectory:
             run(command)
 
     def empty_replicas(self) -> None:
-        for name, run in self.replicas.items():
-            _say(f"replica {name}: emptied, slapd restarted")
-            run(EMPTY)
+        self.run_on_replicas(EMPTY, "emptied, slapd restarted")
 
     def states(self) -> list[dict[str, Any]]:
         from entfarm.replication import replica_state

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from entfarm.aaf.ldif import parse
+from entfarm.aaf.ldif import parent, parse
 
 Runner = Callable[[str], str]
 
@@ -113,15 +113,15 @@ def _norm(dn: str) -> str:
 def _csn(run: Runner, base: str) -> tuple[str, ...]:
     """The contextCSN of the database holding ``base``: on its suffix entry, which is the
     search base itself on a farm (one database per académie) or one of its parents."""
-    parts = [p for p in re.split(r"(?<!\\),", base) if p]
-    for i in range(len(parts)):
-        dn = ",".join(parts[i:])
+    dn = base
+    while dn:
         # -M: a consumer whose search base is below its suffix keeps its cookie on a glue
         # entry, which only manageDSAit shows.
         out = run(f"{SEARCH} -M -s base -b {shlex.quote(dn)} contextCSN 2>/dev/null; true")
         entry = next(iter(parse(out.encode(), ("contextCSN",)).values()), {})
         if entry.get("contextCSN"):
             return tuple(sorted(entry["contextCSN"]))
+        dn = parent(dn)
     return ()
 
 

@@ -69,9 +69,9 @@ def test_replica_holds_only_its_etablissement(host: Any) -> None:
 
 def test_replica_is_in_sync_with_the_directory(host: Any) -> None:
     """Every entry the replica's filter selects on the directory, and nothing else, at the
-    directory's contextCSN. A replica can believe itself in sync and still be wrong (a
-    provider restored or made again under it: entfarm/replication.py); only comparing the
-    entries shows it. A replica still catching up gets 30 s."""
+    directory's contextCSN. A replica can believe itself in sync and still be wrong (deletes
+    it never received: entfarm/replication.py); only comparing the entries shows it. A
+    replica still catching up gets 30 s."""
     info = fact(host)
     directory_hosts = inventory_vars(host).get("entfarm_services", {}).get(
         "directory", {}).get("hosts", [])
