@@ -7,6 +7,8 @@ SASL EXTERNAL as the current uid for rootdn. Each test gets a fresh base DN dc=t
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import os
 import re
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pytest
 import yaml
 
@@ -48,6 +51,41 @@ def _role_values(value: Any) -> list[str]:
         elif "{{" in value:
             raise ValueError(f"roles/directory setting {value!r}: only plain variables are read")
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def role_access(base: str, root_dn: str) -> list[str]:
+    """roles/directory's access rules (directory__access) rendered for ``base``, root being
+    ``root_dn``, in the role's order."""
+    context = {"directory__base_dn": base, "directory__root_external_dn": root_dn,
+               "directory__services_dn": f"ou=services,{base}",
+               "directory__replicas_dn": f"ou=replicas,{base}"}
+    return [jinja2.Template(rule).render(**context) for rule in _ROLE_VARS["directory__access"]]
+
+
+def access_ldif(rules: list[str], database: str = "{1}mdb") -> str:
+    """An ldapmodify change that makes ``rules`` the access rules of ``database``."""
+    access = "".join(f"olcAccess: {{{i}}}{rule}\n" for i, rule in enumerate(rules))
+    return (f"dn: olcDatabase={database},cn=config\nchangetype: modify\nreplace: olcAccess\n"
+            f"{access}-\n\n")
+
+
+def replica_filter(uai: str, base: str) -> str:
+    """The consumer filter of roles/school_server's syncrepl, rendered for ``uai`` under
+    ``base``."""
+    template = (REPO / "roles" / "school_server" / "templates" / "etc" / "ldap" / "entfarm"
+                / "syncrepl.ldif.j2").read_text(encoding="utf-8")
+    found = re.search(r'filter="([^"]+)"', template)
+    if not found:
+        raise ValueError("no filter in the school_server syncrepl template")
+    return jinja2.Template(found.group(1)).render(school_server__uai=uai,
+                                                  school_server__base_dn=base)
+
+
+def ssha(password: str) -> str:
+    """An {SSHA} userPassword value, as slappasswd makes them."""
+    salt = os.urandom(4)
+    digest = hashlib.sha1(password.encode() + salt).digest()
+    return "{SSHA}" + base64.b64encode(digest + salt).decode()
 
 
 def _overlays() -> str:

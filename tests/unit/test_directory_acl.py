@@ -4,21 +4,14 @@ writes them into cn=config."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import jinja2
 import pytest
-import yaml
-from aaf_conftest import REPO as ROOT_DIR
-from aaf_conftest import ROLE, SlapdProcess, init_slapd
+from aaf_conftest import SlapdProcess, access_ldif, init_slapd, replica_filter, role_access, ssha
 
 from entfarm.replication import wait_in_sync
 
@@ -30,20 +23,6 @@ REPLICA = f"cn=se-{A.lower()},ou=replicas,{BASE}"
 PASSWORD = "secret-of-the-test"
 
 
-def _rules() -> list[str]:
-    variables: dict[str, Any] = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
-    context = {"directory__base_dn": BASE, "directory__root_external_dn": ROOT,
-               "directory__services_dn": f"ou=services,{BASE}",
-               "directory__replicas_dn": f"ou=replicas,{BASE}"}
-    return [jinja2.Template(rule).render(**context) for rule in variables["directory__access"]]
-
-
-def _ssha(password: str) -> str:
-    salt = os.urandom(4)
-    digest = hashlib.sha1(password.encode() + salt).digest()
-    return "{SSHA}" + base64.b64encode(digest + salt).decode()
-
-
 def _entries() -> str:
     out = [f"dn: {BASE}\nobjectClass: dcObject\nobjectClass: organization\ndc: ac-test\no: t\n"]
     out += [f"dn: ou={ou},{BASE}\nobjectClass: organizationalUnit\nou: {ou}\n"
@@ -52,17 +31,17 @@ def _entries() -> str:
             f"objectClass: ENTStructure\nobjectClass: ENTEtablissement\nou: {u}\n"
             f"ENTStructureUAI: {u}\nENTStructureJointure: j{u}\n" for u in (A, B)]
     out.append(f"dn: {CAS}\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\n"
-               f"cn: cas\nuserPassword: {_ssha(PASSWORD)}\n")
+               f"cn: cas\nuserPassword: {ssha(PASSWORD)}\n")
     out.append(f"dn: {REPLICA}\nobjectClass: organizationalRole\n"
                f"objectClass: simpleSecurityObject\ncn: se-{A.lower()}\n"
-               f"userPassword: {_ssha(PASSWORD)}\n"
+               f"userPassword: {ssha(PASSWORD)}\n"
                f"seeAlso: ENTStructureUAI={A},ou=structures,{BASE}\n")
     # a of A, b of B, ab of both (a teacher in two collèges)
     for uid, uais in (("a", [A]), ("b", [B]), ("ab", [A, B])):
         out.append(f"dn: uid={uid},ou=people,{BASE}\nobjectClass: inetOrgPerson\n"
                    f"objectClass: ENTPerson\nobjectClass: ENTPersonSamba\nuid: {uid}\n"
                    f"cn: {uid}\nsn: {uid}\nENTPersonJointure: AAF${uid}\n"
-                   f"userPassword: {_ssha(PASSWORD)}\nENTPersonNTHash: {'0' * 31}{len(uid)}\n"
+                   f"userPassword: {ssha(PASSWORD)}\nENTPersonNTHash: {'0' * 31}{len(uid)}\n"
                    + "".join(f"ENTPersonEtablissements: ENTStructureUAI={u},ou=structures,"
                              f"{BASE}\n" for u in uais))
     for cn, members in ((f"{A}$6A", ["a", "ab"]), (f"{B}$6B", ["b"])):
@@ -79,9 +58,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlapdProcess]:
     init_slapd(root)
     process = SlapdProcess(root)
     process.start()
-    access = "".join(f"olcAccess: {{{i}}}{rule}\n" for i, rule in enumerate(_rules()))
-    for text in (f"dn: olcDatabase={{1}}mdb,cn=config\nchangetype: modify\nreplace: olcAccess\n"
-                 f"{access}-\n",
+    for text in (access_ldif(role_access(BASE, ROOT)),
                  "dn: dc=fr\nchangetype: add\nobjectClass: dcObject\nobjectClass: organization\n"
                  "dc: fr\no: fr\n\n" + _entries()):
         subprocess.run(["ldapmodify", "-a", "-Q", "-Y", "EXTERNAL", "-H", process.uri],
@@ -130,16 +107,6 @@ def test_replication_account_reads_its_etablissement_only(server: SlapdProcess) 
         assert not any(x.startswith("userPassword") for x in entry), entry
 
 
-def _replica_filter(uai: str) -> str:
-    """The consumer filter of roles/school_server, rendered for ``uai`` under the test base."""
-    template = (ROOT_DIR / "roles" / "school_server" / "templates" / "etc" / "ldap" / "entfarm"
-                / "syncrepl.ldif.j2").read_text(encoding="utf-8")
-    found = re.search(r'filter="([^"]+)"', template)
-    assert found, "no filter in the school_server syncrepl template"
-    return jinja2.Template(found.group(1)).render(school_server__uai=uai,
-                                                  school_server__base_dn=BASE)
-
-
 def _person(uid: str, uais: list[str]) -> str:
     return (f"dn: uid={uid},ou=people,{BASE}\nchangetype: add\nobjectClass: inetOrgPerson\n"
             f"objectClass: ENTPerson\nuid: {uid}\ncn: {uid}\nsn: {uid}\n"
@@ -165,7 +132,7 @@ def test_a_school_replica_loses_whoever_leaves_its_etablissement(
             f"olcSyncrepl: rid=002 provider={server.uri} bindmethod=simple "
             f'binddn="{REPLICA}" credentials="{PASSWORD}" searchbase="{BASE}" '
             f'scope=sub type=refreshAndPersist retry="1 +" '
-            f'filter="{_replica_filter(A)}"\n'))
+            f'filter="{replica_filter(A, BASE)}"\n'))
         provider, replica = server.runner(), consumer.runner()
 
         def synced(what: str) -> set[str]:
