@@ -99,6 +99,7 @@ def test_replication_account_reads_its_etablissement_only(server: SlapdProcess) 
     assert _people(seen) == {"a", "ab"}  # b belongs to the other collège
     assert f"cn={A}$6A,ou=groups,{BASE}" in seen
     assert f"cn={B}$6B,ou=groups,{BASE}" not in seen
+    assert f"ENTStructureUAI={A},ou=structures,{BASE}" in seen
     assert f"ENTStructureUAI={B},ou=structures,{BASE}" not in seen
     assert CAS not in seen
     for uid in ("a", "ab"):
