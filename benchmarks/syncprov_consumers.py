@@ -27,15 +27,13 @@ The provider's CPU seconds during the Delta are the figure that scales to produc
 each school server is its own machine; the wall time here also holds the consumers' work on the
 same cores. The count 0 comes first and last, so that any drift in the run shows.
 
-``--access dnattr`` measures the alternative that docs/architecture.md proposes ("What each
-school replica costs the directory"), in prototype: the role's rules with every set clause
-replaced by ``dnattr=seeAlso``, and the entries of the replicated collèges tagged with their
-replication account's DN in ``seeAlso`` (the design gives that job to a dedicated attribute that
-the importer writes). The Delta's own arrivals are not tagged, so the consumers cannot be
-compared with the provider after the Delta in that mode; the Delta's figures are unaffected.
+``--access`` chooses the replica rules (roles/directory's ``directory__replica_access``):
+``dnattr`` (what the role takes once every entry carries ENTReplicaAccount, which the importer
+writes) or ``sets`` (what it keeps on a directory imported before that); both read the same
+entries.
 
-    .venv/bin/python benchmarks/syncprov_consumers.py
-    .venv/bin/python benchmarks/syncprov_consumers.py --access dnattr
+    .venv/bin/python benchmarks/syncprov_consumers.py               # --access dnattr
+    .venv/bin/python benchmarks/syncprov_consumers.py --access sets
     .venv/bin/python benchmarks/syncprov_consumers.py --persons 20000 --consumers 0,4,0
 """
 
@@ -45,7 +43,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +66,7 @@ from aaf_conftest import (  # noqa: E402
     ssha,
 )
 
+from entfarm.model import replica_account_dn  # noqa: E402
 from entfarm.replication import wait_in_sync  # noqa: E402
 
 REPLICA_PASSWORD = "secret-of-the-benchmark"
@@ -100,34 +98,11 @@ def replication_accounts(uais: list[str]) -> str:
     base = bench.BASE
     out = [f"dn: ou={ou},{base}\nchangetype: add\nobjectClass: organizationalUnit\nou: {ou}\n"
            for ou in ("services", "replicas")]
-    out += [f"dn: cn=se-{u.lower()},ou=replicas,{base}\nchangetype: add\n"
+    out += [f"dn: {replica_account_dn(u, base)}\nchangetype: add\n"
             f"objectClass: organizationalRole\nobjectClass: simpleSecurityObject\n"
             f"cn: se-{u.lower()}\nuserPassword: {ssha(REPLICA_PASSWORD)}\n"
             f"seeAlso: ENTStructureUAI={u},ou=structures,{base}\n" for u in uais]
     return "\n".join(out) + "\n"
-
-
-def dnattr_access(rules: list[str]) -> list[str]:
-    """--access dnattr: the role's rules with each set clause replaced by ``dnattr=seeAlso``."""
-    return [re.sub(r'set="[^"]*"', "dnattr=seeAlso", rule) for rule in rules]
-
-
-def tag_entries(uri: str, uais: list[str]) -> int:
-    """--access dnattr: each entry that the replica of one of ``uais`` holds gets that replica
-    account's DN in ``seeAlso``; the number of entries tagged."""
-    base, changes = bench.BASE, []
-    for uai in uais:
-        account = f"cn=se-{uai.lower()},ou=replicas,{base}"
-        found = subprocess.run(
-            ["ldapsearch", "-LLL", "-Q", "-Y", "EXTERNAL", "-H", uri, "-o", "ldif-wrap=no",
-             "-b", base, replica_filter(uai, base), "1.1"],
-            capture_output=True, text=True, check=True).stdout
-        changes += [f"{line}\nchangetype: modify\nadd: seeAlso\nseeAlso: {account}\n"
-                    for line in found.splitlines()
-                    if line.startswith("dn: ") and line.lower() != f"dn: {base}".lower()
-                    and not line.lower().startswith(("dn: ou=",))]
-    ldapmodify(uri, "\n".join(changes) + "\n")
-    return len(changes)
 
 
 class Consumer:
@@ -138,7 +113,7 @@ class Consumer:
         self.uai = uai
         self.process = SlapdProcess(root)
         self.process.start()
-        dn = f"cn=se-{uai.lower()},ou=replicas,{bench.BASE}"
+        dn = replica_account_dn(uai, bench.BASE)
         ldapmodify(self.process.uri, (
             "dn: olcDatabase={1}mdb,cn=config\nchangetype: modify\nadd: olcSyncrepl\n"
             f"olcSyncrepl: rid={rid:03d} provider={provider_uri} bindmethod=simple "
@@ -196,9 +171,7 @@ def one_round(args: argparse.Namespace, work: Path, provider: SlapdProcess, snap
             argparse.Namespace(lab=False, online=False, no_cache=False), complet, inventory,
             provider.uri, root=provider.root))
         after = cpu_seconds(pid_of(provider)), sum(c.cpu() for c in consumers)
-        # --access dnattr: the Delta's arrivals are not tagged, the replicas cannot hold them.
-        caught_up = wait_all(provider, consumers, "after the Delta") \
-            if args.access == "sets" else None
+        caught_up = wait_all(provider, consumers, "after the Delta")
         child = json.loads(out)
         row = {"consumers": count, "refresh_s": round(refresh, 1),
                "held_min": min(held, default=0), "held_max": max(held, default=0),
@@ -206,7 +179,7 @@ def one_round(args: argparse.Namespace, work: Path, provider: SlapdProcess, snap
                "changes": child["changes"], "importer_rss_mib": round(rss),
                "provider_cpu_s": round(after[0] - before[0], 2),
                "consumers_cpu_s": round(after[1] - before[1], 2),
-               "in_sync_after_s": None if caught_up is None else round(caught_up, 1)}
+               "in_sync_after_s": round(caught_up, 1)}
         bench._say(f"{count} consumer(s): {row}")
         return row
     finally:
@@ -222,8 +195,8 @@ def main() -> None:
                    help="comma-separated consumer counts, one round each, in this order")
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds between the consumers' refresh and the Delta")
-    p.add_argument("--access", choices=("sets", "dnattr"), default="sets",
-                   help="the role's access rules (sets), or the dnattr prototype (see above)")
+    p.add_argument("--access", choices=("dnattr", "sets"), default="dnattr",
+                   help="the replica rules (directory__replica_access once resolved)")
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: temp)")
     p.add_argument("--json", type=Path, default=None,
                    help="results file (default: syncprov_consumers.json in the scratch directory)")
@@ -254,13 +227,8 @@ def main() -> None:
         bench.run_child(bench.importer_argv(
             argparse.Namespace(lab=False, online=False, no_cache=False), complet, inventory,
             server.uri, root=provider.root))
-        rules = role_access(bench.BASE, ROOT_DN)
-        ldapmodify(server.uri, access_ldif(
-            rules if args.access == "sets" else dnattr_access(rules)))
+        ldapmodify(server.uri, access_ldif(role_access(bench.BASE, ROOT_DN, args.access)))
         ldapmodify(server.uri, replication_accounts(uais[:max(counts)]))
-        if args.access == "dnattr":
-            tagged = tag_entries(server.uri, uais[:max(counts)])
-            bench._say(f"--access dnattr: {tagged} entries tagged")
     finally:
         server.stop()
     snapshot = work / "provider-db"
@@ -283,8 +251,7 @@ def main() -> None:
         held = f"{r['held_min']}-{r['held_max']}" if r["consumers"] else "-"
         print(f"{r['consumers']:>9} {r['refresh_s']:>9.1f} {held:>11} {r['delta_s']:>8.2f} "
               f"{r['timings'].get('apply', 0):>8.2f} {r['provider_cpu_s']:>11.2f} "
-              f"{r['consumers_cpu_s']:>15.2f} "
-              f"{'-' if r['in_sync_after_s'] is None else r['in_sync_after_s']:>15}")
+              f"{r['consumers_cpu_s']:>15.2f} {r['in_sync_after_s']:>15.1f}")
     args.json = args.json or work / "syncprov_consumers.json"
     args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",
                          encoding="utf-8")

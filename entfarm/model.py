@@ -322,6 +322,18 @@ class SchoolLan(_Strict):
         return (str(net.network_address + size // 4), str(net.network_address + 3 * size // 4))
 
 
+def school_server_name(uai: str) -> str:
+    """The host name of the school server of ``uai``, also the name of its replication account."""
+    return f"se-{uai.lower()}"
+
+
+def replica_account_dn(uai: str, base_dn: str) -> str:
+    """The replication account of the school server of ``uai``: roles/directory creates it,
+    roles/school_server binds as it, the AAF importer names it on every entry that school
+    server's replica holds (ENTReplicaAccount, which the access rules compare with)."""
+    return f"cn={school_server_name(uai)},ou=replicas,{base_dn}"
+
+
 class Etablissement(_Strict):
     uai: str = Field(
         description="7 digits then the check letter, e.g. 0290009C.",
@@ -357,7 +369,7 @@ class Etablissement(_Strict):
 
     @property
     def school_server_host(self) -> str:
-        return f"se-{self.uai.lower()}"
+        return school_server_name(self.uai)
 
 
 class Host(_Strict):

@@ -338,6 +338,14 @@ def reads(base: str, full_compare: bool = False) -> list[Query]:
         (f"ou=people,{base}", "(ENTPersonJointure=*)", people_attrs, "one"),
         (f"ou=structures,{base}", "(objectClass=ENTStructure)", STRUCTURE_ATTRIBUTES, "one"),
         (f"ou=groups,{base}", "(objectClass=groupOfNames)", GROUP_ATTRIBUTES, "one"),
+        # People deactivated before mapping version 3, which no later import rebuilds (they
+        # are not in the export): tagged here for the replica rules (ENTReplicaAccount). An
+        # equality index on ENTPersonEtat keeps this to the deactivated; empty once tagged.
+        (f"ou=people,{base}", "(&(ENTPersonEtat=DESACTIVE)(!(objectClass=ENTReplicated)))",
+         ("ENTPersonJointure", "ENTPersonEtablissements"), "one"),
+        # The classes the directory knows: the entries this importer writes need the role's
+        # latest schema evolution (the directory converged before the import).
+        ("cn=Subschema", "(objectClass=subschema)", ("objectClasses",), "base"),
     ]
 
 
@@ -366,12 +374,20 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     d: Desired = desired_state(export, farm, scope)
     cs = ChangeSet(skipped=d.skipped)
     progress(f"reading the directory ({directory.t.describe()})")
-    q_tops, q_base, q_people, q_structures, q_groups = reads(base, full_compare)
+    q_tops, q_base, q_people, q_structures, q_groups, q_untagged, q_schema = reads(
+        base, full_compare)
     tops = directory.search(*q_tops)
     have_base = directory.search(*q_base)
     if not have_base:
         raise ImportRefused(f"the directory has no entry {base}: deploy the directory first "
                             "(entfarm deploy --tags directory)")
+    classes = [v for e in directory.search(*q_schema).values()
+               for v in e.get("objectClasses", [])]
+    if not any("NAME 'ENTReplicated'" in v for v in classes):
+        raise ImportRefused(
+            "the directory's schema lacks the class ENTReplicated (schema evolution "
+            "entfarm-sdet-replica) that this version of entfarm writes: converge the directory "
+            "first (entfarm deploy --tags directory), then import again; nothing was written")
     for ou in ("people", "structures", "groups"):
         dn = f"ou={ou},{base}"
         if dn.lower() not in {k.lower() for k in tops}:
@@ -380,6 +396,7 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     people = directory.search(*q_people)
     structures = directory.search(*q_structures)
     groups = directory.search(*q_groups)
+    untagged = directory.search(*q_untagged)
     progress(f"directory: {len(people)} person(s), {len(structures)} structure(s), "
              f"{len(groups)} group(s); export: {len(d.people)} person(s) to provision")
 
@@ -400,6 +417,14 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             if changes:
                 cs.ldif_parts.append(ldif.modify(dn, changes))
                 cs.count("structures modify", uai)
+    # Structures kept but no longer provisioned (a wave rollback, an établissement gone from
+    # farm.yml) still name their replication account, like everything the importer keeps.
+    for dn, entry in sorted(structures.items()):
+        uai = (entry.get("ENTStructureUAI") or [""])[0]
+        if dn not in d.structures and uai and not entry.get("ENTReplicaAccount"):
+            cs.ldif_parts.append(ldif.modify(dn, {}, add={
+                "objectClass": ["ENTReplicated"], "ENTReplicaAccount": [d.replica_dn(uai)]}))
+            cs.count("structures tag", uai)
 
     members: dict[str, list[str]] = {}
     gen = _generalized(now)
@@ -526,13 +551,15 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
 
     for cn, dns in sorted(members.items()):
         dn = d.group_dn(cn)
-        entry = {"objectClass": ["groupOfNames"], "cn": [cn], "member": list(dict.fromkeys(dns))}
+        entry = {"objectClass": ["groupOfNames", "ENTReplicated"], "cn": [cn],
+                 "ENTReplicaAccount": [d.replica_dn(cn.split("$")[0])],
+                 "member": list(dict.fromkeys(dns))}
         if dn not in groups:
             cs.ldif_parts.append(ldif.add(dn, entry))
             cs.count("groups add", cn.split("$")[0])
         else:
             current = groups[dn]
-            changes = _diff(current, entry, ("objectClass", "cn"))
+            changes = _diff(current, entry, ("objectClass", "cn", "ENTReplicaAccount"))
             added, removed = _member_changes(current.get("member", []), entry["member"])
             if changes or added or removed:
                 cs.ldif_parts.append(ldif.modify(dn, changes, add={"member": added},
@@ -543,7 +570,23 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         if AAF_GROUP.match(cn) and cn not in members and cn.split("$")[0] not in held:
             cs.ldif_parts.append(ldif.delete(dn))
             cs.count("groups delete", cn.split("$")[0])
+        elif AAF_GROUP.match(cn) and cn not in members and not entry.get("ENTReplicaAccount"):
+            # A held établissement's group, kept as it was: named like the others.
+            uai = cn.split("$")[0]
+            cs.ldif_parts.append(ldif.modify(dn, {}, add={
+                "objectClass": ["ENTReplicated"], "ENTReplicaAccount": [d.replica_dn(uai)]}))
+            cs.count("groups tag", uai)
     cs.ldif_parts += [ldif.delete(dn) for dn in purges]
+    purged = {dn.lower() for dn in purges}
+    for dn, e in sorted(untagged.items()):
+        jointure = (e.get("ENTPersonJointure") or [""])[0]
+        uais = [u for u in _uais_of(e) if u != "?"]
+        if jointure in d.people or dn.lower() in purged or not uais:
+            continue  # rebuilt above, gone, or of no établissement
+        cs.ldif_parts.append(ldif.modify(dn, {}, add={
+            "objectClass": ["ENTReplicated"],
+            "ENTReplicaAccount": [d.replica_dn(u) for u in uais]}))
+        cs.count("people tag", uais[0])
     if loader is not None:
         for part in cs.ldif_parts[after_people:]:
             loader.feed(part)
@@ -750,7 +793,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
         cache = record_cache(farm, path, write=not dry_run) if use_cache else None
         loading = start_load(path, cache=cache)
     queries = reads(farm.spec.academie.base_dn, full_compare)
-    _tops, _base, people, _structures, _groups = queries
+    _tops, _base, people, _structures, _groups, _untagged, _schema = queries
     directory.prefetch(queries, in_child=[people])
     if loading is not None:
         export = loading.finish(progress)

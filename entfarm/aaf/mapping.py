@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from ..model import Farm
+from ..model import Farm, replica_account_dn
 from .export import Export, Person
 from .ldif import Entry, escape_rdn_value
 
@@ -29,11 +29,12 @@ PERSON_ATTRIBUTES = (
     "ENTPersonDateDesactivation", "ENTEleveClasses", "ENTEleveGroupes", "ENTEleveMEF",
     "ENTEleveParents", "ENTEleveStructRattachId", "ENTAuxPersRelEleveEleve", "ENTAuxEnsClasses",
     "ENTAuxEnsGroupes", "ENTAuxEnsMatiereEnseignEtab", "ENTPersonEmpreinte",
-    "ENTAuxPersRelEleveEnfants",
+    "ENTAuxPersRelEleveEnfants", "ENTReplicaAccount",
 )
 # Bumped whenever person_entry() changes what it builds from the same inputs: every stored
 # digest then differs, and the next import compares (and rewrites) every person once.
-MAPPING_VERSION = "2"  # 2: class ENTPersonSamba (the NT hash of school servers)
+MAPPING_VERSION = "3"  # 2: class ENTPersonSamba (the NT hash of school servers)
+# 3: ENTReplicaAccount (class ENTReplicated): the school replicas' access rules compare with it
 # What an import reads of every person when digests are trusted: enough to allocate logins,
 # to know whether the entry is up to date, who leaves and who may be purged. Their
 # établissements (for the deactivation guard and the counts) are those of the export where
@@ -45,8 +46,8 @@ PERSON_STATE_ATTRIBUTES = (
 )
 STRUCTURE_ATTRIBUTES = ("objectClass", "ou", "ENTStructureUAI", "ENTStructureJointure",
                         "ENTStructureNomCourant", "ENTStructureTypeStruct",
-                        "ENTStructureDepartement")
-GROUP_ATTRIBUTES = ("objectClass", "cn", "member")
+                        "ENTStructureDepartement", "ENTReplicaAccount")
+GROUP_ATTRIBUTES = ("objectClass", "cn", "member", "ENTReplicaAccount")
 AAF_GROUP = re.compile(r"^[0-9]{7}[A-Z]\$")
 _FOLD = str.maketrans({"œ": "oe", "Œ": "oe", "æ": "ae", "Æ": "ae", "ß": "ss", "ø": "o"})
 
@@ -93,6 +94,7 @@ class Desired:
     skipped: Counter[str]  # UAI (not onboarded) -> persons skipped
     by_id: dict[str, str]  # AAF id -> jointure
     _structure_dns: dict[str, str] = field(default_factory=dict, repr=False)
+    _replica_dns: dict[str, str] = field(default_factory=dict, repr=False)
 
     def people_dn(self, login: str) -> str:
         return f"uid={escape_rdn_value(login)},ou=people,{self.base_dn}"
@@ -102,6 +104,15 @@ class Desired:
         if dn is None:
             dn = self._structure_dns[uai] = (
                 f"ENTStructureUAI={escape_rdn_value(uai)},ou=structures,{self.base_dn}")
+        return dn
+
+    def replica_dn(self, uai: str) -> str:
+        """ENTReplicaAccount of the entries of ``uai``: its school server's replication account
+        (named whether or not the établissement has a school server, so that giving it one
+        later changes no entry)."""
+        dn = self._replica_dns.get(uai)
+        if dn is None:
+            dn = self._replica_dns[uai] = replica_account_dn(uai, self.base_dn)
         return dn
 
     def group_dn(self, cn: str) -> str:
@@ -136,11 +147,13 @@ def desired_state(export: Export, farm: Farm,
     for sid, uai in sid_uai.items():
         attrs = export.structures[sid]
         entry: Entry = {
-            "objectClass": ["organizationalUnit", "ENTStructure", "ENTEtablissement"],
+            "objectClass": ["organizationalUnit", "ENTStructure", "ENTEtablissement",
+                            "ENTReplicated"],
             "ou": [uai], "ENTStructureUAI": [uai], "ENTStructureJointure": [sid],
             "ENTStructureNomCourant": attrs.get("ENTStructureNomCourant") or [onboarded[uai].name],
             "ENTStructureTypeStruct": attrs.get("ENTStructureTypeStruct", []),
             "ENTStructureDepartement": [onboarded[uai].departement],
+            "ENTReplicaAccount": [desired.replica_dn(uai)],
         }
         desired.structures[desired.structure_dn(uai)] = {k: v for k, v in entry.items() if v}
     parents_of: dict[str, list[str]] = {}
@@ -230,7 +243,7 @@ def person_entry(d: Desired, p: Provisioned, logins: dict[str, str],
     given = (a.get("givenName") or [""])[0]
     sn = (a.get("sn") or a.get("ENTPersonNomPatro") or ["?"])[0]
     login = logins[p.jointure]
-    classes = ["inetOrgPerson", "ENTPerson", "ENTPersonImport", "ENTPersonSamba"]
+    classes = ["inetOrgPerson", "ENTPerson", "ENTPersonImport", "ENTPersonSamba", "ENTReplicated"]
     if "National_ELV" in p.profiles:
         classes.append("ENTEleve")
     if "National_TUT" in p.profiles:
@@ -257,6 +270,7 @@ def person_entry(d: Desired, p: Provisioned, logins: dict[str, str],
         "ENTPersonDateNaissance": a.get("ENTPersonDateNaissance", [])[:1],
         "ENTPersonEtat": ["ACTIF"],
         "ENTPersonEmpreinte": [fingerprint or digest(d, p, logins)],
+        "ENTReplicaAccount": list(dict.fromkeys(d.replica_dn(d.sid_uai[s]) for s in p.sids)),
     }
     if "National_ELV" in p.profiles:
         entry["ENTEleveClasses"] = _in(a.get("ENTEleveClasses", []), p.sids)

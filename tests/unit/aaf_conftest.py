@@ -53,12 +53,15 @@ def _role_values(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def role_access(base: str, root_dn: str) -> list[str]:
+def role_access(base: str, root_dn: str, replica_mode: str = "dnattr") -> list[str]:
     """roles/directory's access rules (directory__access) rendered for ``base``, root being
-    ``root_dn``, in the role's order."""
+    ``root_dn``, in the role's order, with the replica rules of ``replica_mode`` (dnattr or
+    sets: directory__replica_access once resolved)."""
     context = {"directory__base_dn": base, "directory__root_external_dn": root_dn,
                "directory__services_dn": f"ou=services,{base}",
-               "directory__replicas_dn": f"ou=replicas,{base}"}
+               "directory__replicas_dn": f"ou=replicas,{base}",
+               "directory__replica_clause":
+                   _ROLE_VARS["directory__replica_clauses"][replica_mode]}
     return [jinja2.Template(rule).render(**context) for rule in _ROLE_VARS["directory__access"]]
 
 
@@ -101,7 +104,8 @@ def _overlays() -> str:
     return "\n".join(out)
 
 
-def _config(root: Path, identity: str, durable: bool = False) -> str:
+def _config(root: Path, identity: str, durable: bool = False,
+            schemas: list[Path] | None = None) -> str:
     # Password hash modules are not needed to store the importer's {SSHA} values.
     modules = "\n".join(f"olcModuleLoad: {m}" for m in _ROLE_DEFAULTS["directory__modules"]
                         if m not in ("argon2", "pw-sha2"))
@@ -109,7 +113,7 @@ def _config(root: Path, identity: str, durable: bool = False) -> str:
     # Unit tests skip the disk flushes; a durable server (benchmarks) flushes like the role's.
     sync = ("\n".join(f"olcDbEnvFlags: {f}" for f in _ROLE_DEFAULTS["directory__db_env_flags"])
             if durable else "olcDbNoSync: TRUE")
-    ours = "\n".join(f"include: file://{path}\n" for path in SCHEMAS)
+    ours = "\n".join(f"include: file://{path}\n" for path in schemas or SCHEMAS)
     schemas = "".join(f"include: file:///etc/ldap/schema/{name}.ldif\n\n"
                       for name in ("core", "cosine", "nis", "inetorgperson"))
     return f"""dn: cn=config
@@ -229,16 +233,18 @@ class SlapdProcess:
                           config_dir=str(self.root / "conf"), name="the test slapd")
 
 
-def init_slapd(root: Path, max_size: int | None = None, durable: bool = False) -> None:
+def init_slapd(root: Path, max_size: int | None = None, durable: bool = False,
+               schemas: list[Path] | None = None) -> None:
     """cn=config of a new server under root (slapadd -n0), and its empty database directory.
 
     ``durable``: flush every transaction as roles/directory configures it (olcDbEnvFlags);
-    otherwise never flush (olcDbNoSync), which is all the unit tests need."""
+    otherwise never flush (olcDbNoSync), which is all the unit tests need. ``schemas``: the
+    project's schema files to load (default: all of roles/directory's, in its order)."""
     (root / "conf").mkdir(parents=True)
     (root / "db").mkdir()
     identity = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},"
                 "cn=peercred,cn=external,cn=auth")
-    text = _config(root, identity, durable)
+    text = _config(root, identity, durable, schemas)
     if max_size is not None:
         text = text.replace("olcDbMaxSize: 1073741824", f"olcDbMaxSize: {max_size}")
     (root / "config.ldif").write_text(text, encoding="utf-8")

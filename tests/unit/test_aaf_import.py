@@ -12,14 +12,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from aaf_conftest import REPO, Slapd, slapd
+from aaf_conftest import REPO, SCHEMAS, Slapd, init_slapd, slapd
 
 from entfarm.aaf.export import load
 from entfarm.aaf.generate import generate, generate_delta, modify_request
 from entfarm.aaf.importer import Directory, ImportRefused, import_lock, run_import
 from entfarm.aaf.ldif import target
 from entfarm.errors import UserError
-from entfarm.model import Farm, load_farm
+from entfarm.model import Farm, load_farm, replica_account_dn
 
 __all__ = ["slapd"]
 UAI = "0360005K"
@@ -455,3 +455,90 @@ def test_the_same_change_set_on_several_cores_and_in_small_reads(
     assert 2 in forks  # two children computed digests besides this process
     assert _comparable(many.changes.ldif_parts) == _comparable(one.changes.ldif_parts)
     assert many.changes.per_uai == one.changes.per_uai
+
+
+def _replica_tags(directory: Directory) -> dict[str, tuple[set[str], set[str]]]:
+    """DN -> (the replication accounts it names, those of its établissements) for every entry
+    the importer keeps; the UAIs come from the structure DNs, the group cn or the structure."""
+    base = directory.base
+    out: dict[str, tuple[set[str], set[str]]] = {}
+    for sub, filt in (("people", "(ENTPersonJointure=*)"), ("structures", "(ENTStructureUAI=*)"),
+                      ("groups", "(cn=*$*)")):
+        found = directory.search(f"ou={sub},{base}", filt,
+                                 ("objectClass", "ENTReplicaAccount", "ENTPersonEtablissements",
+                                  "ENTStructureUAI", "cn"))
+        for dn, e in found.items():
+            uais = ({v.split(",")[0].split("=", 1)[1] for v in e.get("ENTPersonEtablissements", [])}
+                    if sub == "people" else set(e["ENTStructureUAI"]) if sub == "structures"
+                    else {e["cn"][0].split("$")[0]})
+            named = set(e.get("ENTReplicaAccount", []))
+            if named:
+                assert "ENTReplicated" in e["objectClass"], dn
+            out[dn] = (named, {replica_account_dn(u, base) for u in uais})
+    return out
+
+
+def test_every_entry_names_the_replication_accounts_of_its_etablissements(
+        export: Path, farm: Farm, directory: Directory) -> None:
+    """ENTReplicaAccount, which the replica access rules compare with (dnattr): a person names
+    the account of each of its établissements, a structure its own, a group its collège's."""
+    run_import(export, farm, directory, now=NOW)
+    tags = _replica_tags(directory)
+    assert len(tags) > 150
+    wrong = {dn: t for dn, t in tags.items() if t[0] != t[1]}
+    assert not wrong, list(wrong.items())[:3]
+
+
+def test_an_import_tags_a_directory_filled_before_mapping_version_3(
+        export: Path, farm: Farm, directory: Directory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory imported by mapping version 2 (no ENTReplicaAccount), with people already
+    deactivated, whom no later import rebuilds: the next import tags every entry, deactivated
+    people included, and the one after changes nothing."""
+    from entfarm.aaf import mapping
+
+    feed = _copy(export, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(mapping, "MAPPING_VERSION", "2")
+        run_import(feed, farm, directory, now=NOW)
+        generate_delta(feed, feed, seed=3, share=0.02)
+        assert run_import(feed, farm, directory,
+                          now=NOW + dt.timedelta(days=1)).changes.counts["people deactivate"]
+    strip = "".join(
+        f"dn: {dn}\nchangetype: modify\ndelete: ENTReplicaAccount\n-\n"
+        f"delete: objectClass\nobjectClass: ENTReplicated\n\n"
+        for dn, (named, _) in _replica_tags(directory).items() if named)
+    directory.apply(strip)
+    assert not any(named for named, _ in _replica_tags(directory).values())
+    upgraded = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=2))
+    assert upgraded.changes.counts["people tag"] >= 1  # the deactivated
+    tags = _replica_tags(directory)
+    wrong = {dn: t for dn, t in tags.items() if t[0] != t[1]}
+    assert not wrong, list(wrong.items())[:3]
+    again = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=3))
+    assert again.changes.changes == 0, again.changes.ldif[:2000]
+
+
+def test_refuses_a_directory_whose_schema_is_older_than_the_importer(
+        export: Path, farm: Farm, tmp_path: Path) -> None:
+    """Imported before the directory was converged to the schema evolution it writes: a
+    clear refusal, the directory untouched."""
+    root = tmp_path / "old-schema"
+    init_slapd(root, schemas=SCHEMAS[:-1])
+    server = Slapd(root)
+    server.start()
+    try:
+        server.transport.run(["ldapadd", "-Q", "-Y", "EXTERNAL", "-H", server.uri], stdin=(
+            b"dn: dc=fr\nobjectClass: dcObject\nobjectClass: organization\ndc: fr\no: fr\n\n"))
+        old = server.new_base()
+        text = (REPO / "inventories" / "lab" / "farm.yml").read_text(encoding="utf-8")
+        farm_yml = farm.inventory_dir / "farm.yml"
+        farm_yml.write_text(text.replace("dc=ac-orleans-tours,dc=fr", old.base), encoding="utf-8")
+        before = old.dump()
+        with pytest.raises(ImportRefused) as refused:
+            run_import(export, load_farm(farm.inventory_dir), old, now=NOW)
+        assert "entfarm deploy --tags directory" in str(refused.value)
+        assert "ENTReplicated" in str(refused.value)
+        assert old.dump() == before
+    finally:
+        server.stop()

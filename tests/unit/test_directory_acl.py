@@ -10,17 +10,26 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import jinja2
 import pytest
+import yaml
 from aaf_conftest import SlapdProcess, access_ldif, init_slapd, replica_filter, role_access, ssha
 
+from entfarm.model import replica_account_dn
 from entfarm.replication import wait_in_sync
 
 BASE = "dc=ac-test,dc=fr"
 A, B = "0360005K", "0450022E"
 ROOT = f"gidNumber={os.getgid()}+uidNumber={os.getuid()},cn=peercred,cn=external,cn=auth"
 CAS = f"cn=cas,ou=services,{BASE}"
-REPLICA = f"cn=se-{A.lower()},ou=replicas,{BASE}"
+REPLICA = replica_account_dn(A, BASE)
 PASSWORD = "secret-of-the-test"
+
+
+def _tags(uais: list[str]) -> str:
+    """What the AAF importer writes for the replica rules (mapping version 3)."""
+    return "objectClass: ENTReplicated\n" + "".join(
+        f"ENTReplicaAccount: {replica_account_dn(u, BASE)}\n" for u in uais)
 
 
 def _entries() -> str:
@@ -29,7 +38,7 @@ def _entries() -> str:
             for ou in ("people", "structures", "groups", "services", "replicas")]
     out += [f"dn: ENTStructureUAI={u},ou=structures,{BASE}\nobjectClass: organizationalUnit\n"
             f"objectClass: ENTStructure\nobjectClass: ENTEtablissement\nou: {u}\n"
-            f"ENTStructureUAI: {u}\nENTStructureJointure: j{u}\n" for u in (A, B)]
+            f"ENTStructureUAI: {u}\nENTStructureJointure: j{u}\n{_tags([u])}" for u in (A, B)]
     out.append(f"dn: {CAS}\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\n"
                f"cn: cas\nuserPassword: {ssha(PASSWORD)}\n")
     out.append(f"dn: {REPLICA}\nobjectClass: organizationalRole\n"
@@ -43,22 +52,25 @@ def _entries() -> str:
                    f"cn: {uid}\nsn: {uid}\nENTPersonJointure: AAF${uid}\n"
                    f"userPassword: {ssha(PASSWORD)}\nENTPersonNTHash: {'0' * 31}{len(uid)}\n"
                    + "".join(f"ENTPersonEtablissements: ENTStructureUAI={u},ou=structures,"
-                             f"{BASE}\n" for u in uais))
+                             f"{BASE}\n" for u in uais) + _tags(uais))
     for cn, members in ((f"{A}$6A", ["a", "ab"]), (f"{B}$6B", ["b"])):
         out.append(f"dn: cn={cn},ou=groups,{BASE}\nobjectClass: groupOfNames\ncn: {cn}\n"
+                   + _tags([cn.split("$")[0]])
                    + "".join(f"member: uid={m},ou=people,{BASE}\n" for m in members))
     return "\n".join(out)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlapdProcess]:
+@pytest.fixture(scope="module", params=["dnattr", "sets"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[SlapdProcess]:
     """The unit tests' slapd (aaf_conftest: the role's schemas, overlays and indexes under
-    dc=fr), with the role's access rules on its database."""
+    dc=fr), with the role's access rules on its database, under each replica mode
+    (directory__replica_access): both must give the same access."""
     root = tmp_path_factory.mktemp("acl")
     init_slapd(root)
     process = SlapdProcess(root)
     process.start()
-    for text in (access_ldif(role_access(BASE, ROOT)),
+    for text in (access_ldif(role_access(BASE, ROOT, request.param)),
                  "dn: dc=fr\nchangetype: add\nobjectClass: dcObject\nobjectClass: organization\n"
                  "dc: fr\no: fr\n\n" + _entries()):
         subprocess.run(["ldapmodify", "-a", "-Q", "-Y", "EXTERNAL", "-H", process.uri],
@@ -113,7 +125,7 @@ def _person(uid: str, uais: list[str]) -> str:
             f"objectClass: ENTPerson\nuid: {uid}\ncn: {uid}\nsn: {uid}\n"
             f"ENTPersonJointure: AAF${uid}\n"
             + "".join(f"ENTPersonEtablissements: ENTStructureUAI={u},ou=structures,{BASE}\n"
-                      for u in uais) + "\n")
+                      for u in uais) + _tags(uais) + "\n")
 
 
 def test_a_school_replica_loses_whoever_leaves_its_etablissement(
@@ -144,15 +156,18 @@ def test_a_school_replica_loses_whoever_leaves_its_etablissement(
             ).split("\n") if dn.startswith("dn: uid=")}
 
         assert synced("first refresh") == {"a", "ab", "c", "ac"}
+        # As the importer writes it: the établissement and its replica account go together.
         _ldap(server, f"dn: uid=ac,ou=people,{BASE}\nchangetype: modify\n"
                       f"delete: ENTPersonEtablissements\nENTPersonEtablissements: "
-                      f"ENTStructureUAI={A},ou=structures,{BASE}\n\n")
+                      f"ENTStructureUAI={A},ou=structures,{BASE}\n-\n"
+                      f"delete: ENTReplicaAccount\nENTReplicaAccount: {REPLICA}\n\n")
         assert synced("ac left the établissement") == {"a", "ab", "c"}
         _ldap(server, f"dn: uid=c,ou=people,{BASE}\nchangetype: delete\n\n")
         assert synced("c deleted") == {"a", "ab"}
         _ldap(server, f"dn: uid=ac,ou=people,{BASE}\nchangetype: modify\n"
                       f"add: ENTPersonEtablissements\nENTPersonEtablissements: "
-                      f"ENTStructureUAI={A},ou=structures,{BASE}\n\n")
+                      f"ENTStructureUAI={A},ou=structures,{BASE}\n-\n"
+                      f"add: ENTReplicaAccount\nENTReplicaAccount: {REPLICA}\n\n")
         assert synced("ac came back") == {"a", "ab", "ac"}
     finally:
         consumer.stop()
@@ -163,3 +178,17 @@ def _ldap(server: SlapdProcess, text: str) -> None:
     subprocess.run(["ldapmodify", "-a", "-Q", "-Y", "EXTERNAL", "-H", server.uri],
                    input=text.encode(), check=True, capture_output=True)
 
+
+
+def test_the_roles_name_replication_accounts_as_the_importer_does() -> None:
+    """roles/directory creates the account, roles/school_server binds as it, the importer
+    names it on each entry (ENTReplicaAccount, which the dnattr rules compare with): one name."""
+    roles = Path(__file__).resolve().parents[2] / "roles"
+    tasks = yaml.safe_load((roles / "directory" / "tasks" / "accounts.yml").read_text())
+    [create] = [t for t in tasks if t["name"].endswith("replication accounts")]
+    created = jinja2.Template(create["community.general.ldap_entry"]["dn"]).render(
+        item=A, directory__replicas_dn=f"ou=replicas,{BASE}")
+    defaults = yaml.safe_load((roles / "school_server" / "defaults" / "main.yml").read_text())
+    bound = jinja2.Template(defaults["school_server__replica_dn"]).render(
+        school_server__uai=A, school_server__base_dn=BASE)
+    assert created == bound == replica_account_dn(A, BASE)

@@ -478,6 +478,23 @@ def test_directory_step_imports_wave_by_wave_and_rollback_keeps_data(
     kept = directory.search(f"ou=people,{directory.base}",
                             f"(ENTPersonStructRattach={dn})", ("ENTPersonEtat",))
     assert kept and all(e["ENTPersonEtat"] == ["DESACTIVE"] for e in kept.values())
+    # Its entries, as a directory filled before ENTReplicaAccount (mapping version 3) holds
+    # them, get it from the next import although it provisions them no more.
+    groups = directory.search(f"ou=groups,{directory.base}", f"(cn={wave2[0]}$*)", ("cn",))
+    assert groups
+    directory.apply("".join(
+        f"dn: {entry}\nchangetype: modify\ndelete: ENTReplicaAccount\n-\n"
+        f"delete: objectClass\nobjectClass: ENTReplicated\n\n"
+        for entry in [*kept, dn, *groups]))
+    tagged = run_import(export, farm, directory, now=later, scope=held_scope[0],
+                        held=held_scope[1])
+    assert [tagged.changes.counts[k] for k in ("people tag", "structures tag", "groups tag")] \
+        == [len(kept), 1, len(groups)]
+    untagged = ("(&(|(objectClass=ENTPerson)(objectClass=ENTStructure)"
+                "(&(objectClass=groupOfNames)(cn=*$*)))(!(objectClass=ENTReplicated)))")
+    assert directory.search(directory.base, untagged, ("cn",), "sub") == {}
+    assert run_import(export, farm, directory, now=later, scope=held_scope[0],
+                      held=held_scope[1]).changes.changes == 0
 
 
 @pytest.mark.parametrize(("tests", "skipped", "rc", "outcome"), [
