@@ -387,7 +387,8 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         raise ImportRefused(
             "the directory's schema lacks the class ENTReplicated (schema evolution "
             "entfarm-sdet-replica) that this version of entfarm writes: converge the directory "
-            "first (entfarm deploy --tags directory), then import again; nothing was written")
+            "and the school servers first (entfarm deploy --tags directory,school_server:replica"
+            "), then import again; nothing was written")
     for ou in ("people", "structures", "groups"):
         dn = f"ou={ou},{base}"
         if dn.lower() not in {k.lower() for k in tops}:

@@ -85,6 +85,26 @@ def test_replica_is_in_sync_with_the_directory(host: Any) -> None:
         central, info["base_dn"], info["uai"])
 
 
+def _sdet_schemas(host: Any) -> set[str]:
+    out = host.check_output(f"{ROOT_SEARCH} -b cn=schema,cn=config -s one "
+                            "'(cn=*entfarm-sdet*)' cn")
+    return set(re.findall(r"(?m)^cn: \{\d+\}(\S+)$", out))
+
+
+def test_replica_knows_every_schema_evolution_of_the_directory(host: Any) -> None:
+    """A replica that lacks a schema evolution the directory has cannot store the entries that
+    use it: its syncrepl stops at the first one ("invalid per syntax") and retries for ever,
+    while the replica keeps serving what it had."""
+    fact(host)
+    directory_hosts = inventory_vars(host).get("entfarm_services", {}).get(
+        "directory", {}).get("hosts", [])
+    if not directory_hosts:
+        pytest.skip("not verifiable: no directory host in the inventory")
+    missing = _sdet_schemas(other_host(host, directory_hosts[0])) - _sdet_schemas(host)
+    assert not missing, (f"the replica lacks the schema {', '.join(sorted(missing))}: converge "
+                         "the school server (entfarm deploy --tags school_server:replica)")
+
+
 def test_accounts_and_passwords_are_local(host: Any) -> None:
     fact(host)
     assert "extrausers" in host.file("/etc/nsswitch.conf").content_string
