@@ -66,7 +66,7 @@ from aaf_conftest import (  # noqa: E402
     ssha,
 )
 
-from entfarm.model import replica_account_dn  # noqa: E402
+from entfarm.model import replica_account_dn, school_server_name  # noqa: E402
 from entfarm.replication import wait_in_sync  # noqa: E402
 
 REPLICA_PASSWORD = "secret-of-the-benchmark"
@@ -100,7 +100,7 @@ def replication_accounts(uais: list[str]) -> str:
            for ou in ("services", "replicas")]
     out += [f"dn: {replica_account_dn(u, base)}\nchangetype: add\n"
             f"objectClass: organizationalRole\nobjectClass: simpleSecurityObject\n"
-            f"cn: se-{u.lower()}\nuserPassword: {ssha(REPLICA_PASSWORD)}\n"
+            f"cn: {school_server_name(u)}\nuserPassword: {ssha(REPLICA_PASSWORD)}\n"
             f"seeAlso: ENTStructureUAI={u},ou=structures,{base}\n" for u in uais]
     return "\n".join(out) + "\n"
 

@@ -316,6 +316,14 @@ def _member_changes(current: list[str], desired: list[str]) -> tuple[list[str], 
             [v for v in current if v.lower() not in want])
 
 
+def _tag(cs: ChangeSet, d: Desired, dn: str, uais: list[str], what: str) -> None:
+    """Name on an entry no import rebuilds the replication accounts of its établissements
+    (ENTReplicaAccount), counted as ``what`` under its first UAI."""
+    cs.ldif_parts.append(ldif.modify(dn, {}, add={
+        "objectClass": ["ENTReplicated"], "ENTReplicaAccount": [d.replica_dn(u) for u in uais]}))
+    cs.count(what, uais[0])
+
+
 def _uais_of(entry: ldif.Entry) -> list[str]:
     out = []
     for dn in entry.get("ENTPersonEtablissements", []) + entry.get("ENTPersonStructRattach", []):
@@ -423,9 +431,7 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     for dn, entry in sorted(structures.items()):
         uai = (entry.get("ENTStructureUAI") or [""])[0]
         if dn not in d.structures and uai and not entry.get("ENTReplicaAccount"):
-            cs.ldif_parts.append(ldif.modify(dn, {}, add={
-                "objectClass": ["ENTReplicated"], "ENTReplicaAccount": [d.replica_dn(uai)]}))
-            cs.count("structures tag", uai)
+            _tag(cs, d, dn, [uai], "structures tag")
 
     members: dict[str, list[str]] = {}
     gen = _generalized(now)
@@ -573,10 +579,7 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             cs.count("groups delete", cn.split("$")[0])
         elif AAF_GROUP.match(cn) and cn not in members and not entry.get("ENTReplicaAccount"):
             # A held établissement's group, kept as it was: named like the others.
-            uai = cn.split("$")[0]
-            cs.ldif_parts.append(ldif.modify(dn, {}, add={
-                "objectClass": ["ENTReplicated"], "ENTReplicaAccount": [d.replica_dn(uai)]}))
-            cs.count("groups tag", uai)
+            _tag(cs, d, dn, [cn.split("$")[0]], "groups tag")
     cs.ldif_parts += [ldif.delete(dn) for dn in purges]
     purged = {dn.lower() for dn in purges}
     for dn, e in sorted(untagged.items()):
@@ -584,10 +587,7 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         uais = [u for u in _uais_of(e) if u != "?"]
         if jointure in d.people or dn.lower() in purged or not uais:
             continue  # rebuilt above, gone, or of no établissement
-        cs.ldif_parts.append(ldif.modify(dn, {}, add={
-            "objectClass": ["ENTReplicated"],
-            "ENTReplicaAccount": [d.replica_dn(u) for u in uais]}))
-        cs.count("people tag", uais[0])
+        _tag(cs, d, dn, uais, "people tag")
     if loader is not None:
         for part in cs.ldif_parts[after_people:]:
             loader.feed(part)

@@ -49,6 +49,11 @@ STRUCTURE_ATTRIBUTES = ("objectClass", "ou", "ENTStructureUAI", "ENTStructureJoi
                         "ENTStructureDepartement", "ENTReplicaAccount")
 GROUP_ATTRIBUTES = ("objectClass", "cn", "member", "ENTReplicaAccount")
 AAF_GROUP = re.compile(r"^[0-9]{7}[A-Z]\$")
+# Entries the importer keeps (people, structures, AAF groups) that do not name their replication
+# accounts yet: the dnattr replica rules must not be in force while one exists. roles/directory
+# probes the same filter (tasks/database.yml) to choose its rules.
+UNTAGGED = ("(&(|(objectClass=ENTPerson)(objectClass=ENTStructure)"
+            "(&(objectClass=groupOfNames)(cn=*$*)))(!(objectClass=ENTReplicated)))")
 _FOLD = str.maketrans({"œ": "oe", "Œ": "oe", "æ": "ae", "Æ": "ae", "ß": "ss", "ø": "o"})
 
 

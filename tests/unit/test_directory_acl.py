@@ -13,7 +13,15 @@ from pathlib import Path
 import jinja2
 import pytest
 import yaml
-from aaf_conftest import SlapdProcess, access_ldif, init_slapd, replica_filter, role_access, ssha
+from aaf_conftest import (
+    REPO,
+    SlapdProcess,
+    access_ldif,
+    init_slapd,
+    replica_filter,
+    role_access,
+    ssha,
+)
 
 from entfarm.model import replica_account_dn
 from entfarm.replication import wait_in_sync
@@ -179,11 +187,10 @@ def _ldap(server: SlapdProcess, text: str) -> None:
                    input=text.encode(), check=True, capture_output=True)
 
 
-
 def test_the_roles_name_replication_accounts_as_the_importer_does() -> None:
     """roles/directory creates the account, roles/school_server binds as it, the importer
     names it on each entry (ENTReplicaAccount, which the dnattr rules compare with): one name."""
-    roles = Path(__file__).resolve().parents[2] / "roles"
+    roles = REPO / "roles"
     tasks = yaml.safe_load((roles / "directory" / "tasks" / "accounts.yml").read_text())
     [create] = [t for t in tasks if t["name"].endswith("replication accounts")]
     created = jinja2.Template(create["community.general.ldap_entry"]["dn"]).render(

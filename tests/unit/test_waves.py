@@ -17,6 +17,7 @@ from aaf_conftest import REPO, Slapd, slapd
 
 from entfarm.aaf.generate import generate
 from entfarm.aaf.importer import Directory, run_import
+from entfarm.aaf.mapping import UNTAGGED
 from entfarm.errors import UserError
 from entfarm.model import Etablissement, Farm, load_farm
 from entfarm.uai import is_valid_uai
@@ -490,9 +491,7 @@ def test_directory_step_imports_wave_by_wave_and_rollback_keeps_data(
                         held=held_scope[1])
     assert [tagged.changes.counts[k] for k in ("people tag", "structures tag", "groups tag")] \
         == [len(kept), 1, len(groups)]
-    untagged = ("(&(|(objectClass=ENTPerson)(objectClass=ENTStructure)"
-                "(&(objectClass=groupOfNames)(cn=*$*)))(!(objectClass=ENTReplicated)))")
-    assert directory.search(directory.base, untagged, ("cn",), "sub") == {}
+    assert directory.search(directory.base, UNTAGGED, ("cn",), "sub") == {}
     assert run_import(export, farm, directory, now=later, scope=held_scope[0],
                       held=held_scope[1]).changes.changes == 0
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from entfarm.aaf.mapping import UNTAGGED
 from entfarm.verifylib import read_fact, role_suite
 
 ROOT_SEARCH = "ldapsearch -Q -LLL -Y EXTERNAL -H ldapi:///"
@@ -218,11 +219,6 @@ def test_replicas_are_told_who_leaves(host: Any) -> None:
     rule = re.compile(r'to dn\.subtree="[^"]+" filter=\(!\(objectClass=\*\)\) attrs=entry '
                       r'by dn\.children="ou=replicas,[^"]+" read by \* break')
     assert rule.search(out), "no access rule letting replication accounts receive deletes"
-
-
-# Entries the importer keeps that the dnattr replica rules would not recognise.
-UNTAGGED = ("(&(|(objectClass=ENTPerson)(objectClass=ENTStructure)"
-            "(&(objectClass=groupOfNames)(cn=*$*)))(!(objectClass=ENTReplicated)))")
 
 
 def test_replica_rules_match_what_the_entries_carry(host: Any) -> None:

@@ -67,17 +67,22 @@ def test_replica_holds_only_its_etablissement(host: Any) -> None:
     assert set(re.findall(r"ENTStructureUAI: (\S+)", structures)) == {uai}
 
 
+def _directory_host(host: Any) -> Any:
+    """The farm's directory host, seen from this school server's inventory, or skip."""
+    directory_hosts = inventory_vars(host).get("entfarm_services", {}).get(
+        "directory", {}).get("hosts", [])
+    if not directory_hosts:
+        pytest.skip("not verifiable: no directory host in the inventory")
+    return other_host(host, directory_hosts[0])
+
+
 def test_replica_is_in_sync_with_the_directory(host: Any) -> None:
     """Every entry the replica's filter selects on the directory, and nothing else, at the
     directory's contextCSN. A replica can believe itself in sync and still be wrong (deletes
     it never received: entfarm/replication.py); only comparing the entries shows it. A
     replica still catching up gets 30 s."""
     info = fact(host)
-    directory_hosts = inventory_vars(host).get("entfarm_services", {}).get(
-        "directory", {}).get("hosts", [])
-    if not directory_hosts:
-        pytest.skip("not verifiable: no directory host in the inventory")
-    central = other_host(host, directory_hosts[0])
+    central = _directory_host(host)
     state, _ = wait_in_sync(central.check_output, host.check_output, timeout=30)
     assert state.consumer.searchbase == info["base_dn"]
     assert state.in_sync, f"the replica of {info['uai']} {state.describe()}"
@@ -96,11 +101,7 @@ def test_replica_knows_every_schema_evolution_of_the_directory(host: Any) -> Non
     use it: its syncrepl stops at the first one ("invalid per syntax") and retries for ever,
     while the replica keeps serving what it had."""
     fact(host)
-    directory_hosts = inventory_vars(host).get("entfarm_services", {}).get(
-        "directory", {}).get("hosts", [])
-    if not directory_hosts:
-        pytest.skip("not verifiable: no directory host in the inventory")
-    missing = _sdet_schemas(other_host(host, directory_hosts[0])) - _sdet_schemas(host)
+    missing = _sdet_schemas(_directory_host(host)) - _sdet_schemas(host)
     assert not missing, (f"the replica lacks the schema {', '.join(sorted(missing))}: converge "
                          "the school server (entfarm deploy --tags school_server:replica)")
 
