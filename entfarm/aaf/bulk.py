@@ -4,9 +4,9 @@ slapd started again, with a ``slapcat`` backup restored on any failure.
 Why: online, slapd spends most of a first import in per-operation work (one write transaction,
 its page writes, a thread hand-off per entry) that ``slapadd -q`` batches; a 100 000-person first
 import is several times slower through ``ldapmodify`` than the same entries through ``slapadd``.
-``slapadd`` runs no overlay, which costs nothing here: memberOf is computed when it is read
-(roles/directory's dynlist overlay), refint has nothing to do on adds, and ``-w`` writes the
-syncprov contextCSN so that replicas see the new state.
+``slapadd`` runs no overlay, so the memberOf values the memberof overlay would have written are
+computed here (``slapadd`` stores them as given); refint has nothing to do on adds, and ``-w``
+writes the syncprov contextCSN so that replicas see the new state.
 
 Safety: slapd is stopped first (so that no write lands between the backup and the load), the
 whole database is exported with ``slapcat`` into a file on the controller, and any failure of
@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from . import ldif
 from .transport import Transport, TransportError
 
 Progress = Callable[[str], None]
+# The memberof overlay's attribute (roles/directory: olcMemberOfMemberOfAD).
+MEMBER_OF = "memberOf"
 _ADD = "changetype: add\n"
 
 
@@ -98,40 +100,51 @@ class Plan:
 
     parts: list[str]
     load: list[int]  # indices in ``parts`` of the adds that slapadd loads, in order
+    member_of: dict[str, list[str]]  # lower-case DN of a loaded entry -> group DNs
     online: list[str]  # change records left to ldapmodify afterwards, in their order
 
     def records(self) -> Iterator[str]:
-        """The slapadd records: the adds without their changetype line."""
+        """The slapadd records: the adds without their changetype line, with memberOf."""
         for i in self.load:
-            yield offline_record(self.parts[i])
+            part = self.parts[i]
+            yield offline_record(part, self.member_of.get(dn_of(part).lower(), ()))
 
 
-def offline_record(part: str) -> str:
-    """The slapadd record of an add change record: the record without its changetype line."""
+def offline_record(part: str, member_of: Iterable[str] = ()) -> str:
+    """The slapadd record of an add change record: without its changetype line, with the
+    memberOf values the overlay would have written."""
     start = part.index("\n") + 1
-    return part[:start] + part[start + len(_ADD):]
+    record = part[:start] + part[start + len(_ADD):]
+    extra = "".join(ldif.line(MEMBER_OF, g) for g in member_of)
+    return record[:-1] + extra + "\n" if extra else record
 
 
-def plan(parts: list[str]) -> Plan:
-    """Split a change set into its adds, loaded offline in their order, and the records left to
-    ldapmodify afterwards (a first import's modifies and deletes, if any)."""
-    load = [i for i, p in enumerate(parts) if is_add(p)]
+def plan(parts: list[str], base: str) -> Plan:
+    """Split a change set into its adds, loaded offline with the memberOf values the overlay
+    would have written, and the records left to ldapmodify afterwards.
+
+    A group added whose members are not all added in the same load stays online: the overlay
+    then writes memberOf on the members that were already there.
+    """
+    groups_suffix = f",ou=groups,{base}".lower()
+    adds = [(i, dn_of(p).lower()) for i, p in enumerate(parts) if is_add(p)]
+    loaded = {dn for _i, dn in adds}
+    member_of: dict[str, list[str]] = {}
+    online_groups: set[int] = set()
+    for i, dn in adds:
+        if not dn.endswith(groups_suffix):
+            continue
+        entry = next(iter(ldif.parse(parts[i].encode("utf-8"), ("member",)).items()))
+        members = entry[1].get("member", [])
+        if all(m.lower() in loaded for m in members):
+            for m in members:
+                member_of.setdefault(m.lower(), []).append(entry[0])
+        else:
+            online_groups.add(i)
+    load = [i for i, _dn in adds if i not in online_groups]
     as_add = set(load)
-    return Plan(parts, load, [p for i, p in enumerate(parts) if i not in as_add])
-
-
-def holding_database(config: dict[str, ldif.Entry], base: str) -> str | None:
-    """The DN of the cn=config database entry that holds ``base`` (its olcSuffix is ``base``
-    or, the longest such, an ancestor of it), among entries read with olcSuffix."""
-    wanted = dn_key(base)
-    best: tuple[int, str] | None = None
-    for dn, entry in config.items():
-        for suffix in entry.get("olcSuffix", []):
-            key = dn_key(suffix)
-            if (wanted == key or wanted.endswith("," + key)) and (
-                    best is None or len(key) > best[0]):
-                best = (len(key), dn)
-    return best[1] if best else None
+    online = [p for i, p in enumerate(parts) if i not in as_add]
+    return Plan(parts, load, member_of, online)
 
 
 def _database_directory(transport: Transport, base: str) -> str:
@@ -139,18 +152,23 @@ def _database_directory(transport: Transport, base: str) -> str:
     out = transport.run(["ldapsearch", "-LLL", "-Q", "-Y", "EXTERNAL", "-H", transport.uri,
                          "-o", "ldif-wrap=no", "-b", "cn=config", "-s", "one",
                          "(olcSuffix=*)", "olcSuffix", "olcDbDirectory"], ok=(0, 32))
-    config = ldif.parse(out, ("olcSuffix", "olcDbDirectory"))
-    database = holding_database(config, base)
-    if database is None or not config[database].get("olcDbDirectory"):
+    wanted = _dn_key(base)
+    best: tuple[int, str] | None = None
+    for entry in ldif.parse(out, ("olcSuffix", "olcDbDirectory")).values():
+        for suffix in entry.get("olcSuffix", []):
+            key = _dn_key(suffix)
+            if (wanted == key or wanted.endswith("," + key)) and entry.get("olcDbDirectory"):
+                if best is None or len(key) > best[0]:
+                    best = (len(key), entry["olcDbDirectory"][0])
+    if best is None:
         raise BulkLoadFailed(
             f"bulk load not started: no database of slapd on {transport.describe()} holds "
             f"{base} (searched cn=config for olcSuffix and olcDbDirectory); nothing was "
             "changed. Check the base DN in farm.yml, or import with --online")
-    return config[database]["olcDbDirectory"][0]
+    return best[1]
 
 
-def dn_key(dn: str) -> str:
-    """A DN to compare with another: lower case, no space around the RDNs."""
+def _dn_key(dn: str) -> str:
     return ",".join(rdn.strip() for rdn in dn.lower().split(","))
 
 
@@ -266,7 +284,7 @@ def _go_offline(base: str, target: BulkTarget, backup_dir: Path, stamp: str,
 def load(parts: list[str], base: str, target: BulkTarget, backup_dir: Path, *,
          stamp: str, progress: Progress = lambda _line: None) -> BulkReport:
     """Load the adds of ``parts`` offline; return the other records, for ldapmodify."""
-    todo = plan(parts)
+    todo = plan(parts, base)
     off = _go_offline(base, target, backup_dir, stamp, progress)
     t1 = time.monotonic()
     step = "slapadd"
@@ -288,8 +306,11 @@ class StreamingLoad:
     """A first import's bulk load fed while its change set is being computed, so that slapadd
     writes entries while the next ones are built (two cores, instead of one after the other).
 
-    Only for a base without persons. The caller feeds every change record in order (adds
-    loaded as they come, the rest kept for ldapmodify afterwards). Then
+    Only for a base without persons, where every group added has only members added by the same
+    load (so their memberOf values are known when each person is fed). The caller feeds every
+    change record in order: :meth:`add` for the persons, with the memberOf values the overlay
+    would write, :meth:`feed` for the others (adds loaded as they are, the rest kept for
+    ldapmodify afterwards). Then
     :meth:`finish`, or :meth:`abandon` when computing failed: the backup is restored either way
     if anything went wrong.
     """
@@ -315,15 +336,21 @@ class StreamingLoad:
         self._writer.start()
         self.ended = False  # finish() or abandon() ran: the directory is online again
 
-    def feed(self, part: str) -> None:
-        """An add to load, any other record to keep for ldapmodify."""
-        if not is_add(part):
-            self.online.append(part)
-            return
-        self._batch.append(offline_record(part))
+    def add(self, part: str, member_of: Iterable[str] = ()) -> None:
+        self._batch.append(offline_record(part, member_of))
         self.loaded += 1
         if len(self._batch) >= self._BATCH:
             self._flush()
+
+    def keep_online(self, part: str) -> None:
+        self.online.append(part)
+
+    def feed(self, part: str) -> None:
+        """An add without memberOf to load, any other record to keep for ldapmodify."""
+        if is_add(part):
+            self.add(part)
+        else:
+            self.keep_online(part)
 
     def _flush(self) -> None:
         if self._batch:

@@ -242,7 +242,7 @@ class Directory:
         slapd flushes each write transaction to disk; transactions of concurrent connections
         share the file system's journal commits (one ldapmodify waits for every flush of its
         own). A run ends before the next starts, so a group is written after its members
-        exist. When a stream
+        exist (the memberof overlay sets memberOf on existing entries only). When a stream
         fails, the others still finish their records; the first error is raised, and running
         the same import again applies what is missing, as after a failed single ldapmodify."""
         streams = self.streams if streams is None else streams
@@ -306,8 +306,8 @@ def _diff(current: ldif.Entry, desired: ldif.Entry, managed: tuple[str, ...]
 
 
 def _member_changes(current: list[str], desired: list[str]) -> tuple[list[str], list[str]]:
-    """Member values to add and to delete, one by one: the write carries only the members who
-    moved, not the whole list of the group.
+    """Member values to add and to delete, one by one: a replace of the whole list makes the
+    memberof overlay rewrite memberOf on every member of the group, not only on those who moved.
     DNs compare without case (distinguishedNameMatch; the member DNs the importer writes hold
     no escapes or spaces that would need a fuller normalisation)."""
     have = {v.lower() for v in current}
@@ -354,22 +354,7 @@ def reads(base: str, full_compare: bool = False) -> list[Query]:
         # The classes the directory knows: the entries this importer writes need the role's
         # latest schema evolution (the directory converged before the import).
         ("cn=Subschema", "(objectClass=subschema)", ("objectClasses",), "base"),
-        # The database's overlays: this importer leaves memberOf to roles/directory's dynlist
-        # (a first import's bulk load writes none).
-        ("cn=config", "(|(olcSuffix=*)(objectClass=olcOverlayConfig))",
-         ("olcSuffix", "olcOverlay"), "sub"),
     ]
-
-
-def _overlays(config: dict[str, ldif.Entry], base: str) -> list[str]:
-    """Names of the overlays of the database holding ``base`` (a cn=config search of
-    :func:`reads`; empty when cn=config is not readable)."""
-    database = bulk_load.holding_database(config, base)
-    if database is None:
-        return []
-    under = "," + bulk_load.dn_key(database)
-    return [re.sub(r"^\{\d+\}", "", v).lower() for dn, e in config.items()
-            for v in e.get("olcOverlay", []) if bulk_load.dn_key(dn).endswith(under)]
 
 
 def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetime,
@@ -397,7 +382,7 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
     d: Desired = desired_state(export, farm, scope)
     cs = ChangeSet(skipped=d.skipped)
     progress(f"reading the directory ({directory.t.describe()})")
-    q_tops, q_base, q_people, q_structures, q_groups, q_untagged, q_schema, q_config = reads(
+    q_tops, q_base, q_people, q_structures, q_groups, q_untagged, q_schema = reads(
         base, full_compare)
     tops = directory.search(*q_tops)
     have_base = directory.search(*q_base)
@@ -412,11 +397,6 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             "entfarm-sdet-replica) that this version of entfarm writes: converge the directory "
             "and the school servers first (entfarm deploy --tags directory,school_server:replica"
             "), then import again; nothing was written")
-    if "memberof" in _overlays(directory.search(*q_config), base):
-        raise ImportRefused(
-            "the directory still runs the memberof overlay, which this version of entfarm "
-            "replaced with dynlist (memberOf computed when read): converge the directory first "
-            "(entfarm deploy --tags directory), then import again; nothing was written")
     for ou in ("people", "structures", "groups"):
         dn = f"ou={ou},{base}"
         if dn.lower() not in {k.lower() for k in tops}:
@@ -494,7 +474,8 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         entry["ENTPersonNTHash"] = [nt]
         cs.ldif_parts.append(ldif.add(dn, entry))
         if loader is not None:
-            loader.feed(cs.ldif_parts[-1])
+            loader.add(cs.ldif_parts[-1], [g for g in dict.fromkeys(map(d.group_dn, joined))
+                                           if g not in groups])
         cs.count("people add", uai)
         classes = [v.split("$", 1)[1] for v in entry.get("ENTEleveClasses", [])]
         cs.new_accounts.append(NewAccount(
@@ -813,7 +794,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
         cache = record_cache(farm, path, write=not dry_run) if use_cache else None
         loading = start_load(path, cache=cache)
     queries = reads(farm.spec.academie.base_dn, full_compare)
-    _tops, _base, people, _structures, _groups, _untagged, _schema, _config = queries
+    _tops, _base, people, _structures, _groups, _untagged, _schema = queries
     directory.prefetch(queries, in_child=[people])
     if loading is not None:
         export = loading.finish(progress)

@@ -1,6 +1,6 @@
 """A real slapd for the AAF import tests: its own cn=config (slapadd -n0) with the project's SDET
 schema, an mdb database for dc=fr with the modules, indexes and overlays of roles/directory
-(dynlist, refint, syncprov: read from the role's variables, so that tests and the benchmark
+(memberof, refint, syncprov: read from the role's variables, so that tests and the benchmark
 write through the same overlays as production), an ldapi socket in a temporary directory, and
 SASL EXTERNAL as the current uid for rootdn. Each test gets a fresh base DN dc=tN,dc=fr under it.
 """
@@ -114,9 +114,8 @@ def _config(root: Path, identity: str, durable: bool = False,
     sync = ("\n".join(f"olcDbEnvFlags: {f}" for f in _ROLE_DEFAULTS["directory__db_env_flags"])
             if durable else "olcDbNoSync: TRUE")
     ours = "\n".join(f"include: file://{path}\n" for path in schemas or SCHEMAS)
-    # The bootstrap's core schemas, then those of Debian the role adds (dyngroup, for dynlist).
-    schemas = "".join(f"include: file:///etc/ldap/schema/{name}.ldif\n\n" for name in (
-        "core", "cosine", "nis", "inetorgperson", *_ROLE_VARS["directory__debian_schemas"]))
+    schemas = "".join(f"include: file:///etc/ldap/schema/{name}.ldif\n\n"
+                      for name in ("core", "cosine", "nis", "inetorgperson"))
     return f"""dn: cn=config
 objectClass: olcGlobal
 cn: config

@@ -182,37 +182,10 @@ def test_anonymous_bind_disallowed_globally(host: Any) -> None:
     assert "olcTLSProtocolMin: 3.3" in out
 
 
-@pytest.mark.parametrize("overlay", ["dynlist", "refint", "syncprov"])
+@pytest.mark.parametrize("overlay", ["memberof", "refint", "syncprov"])
 def test_overlay_present(host: Any, overlay: str) -> None:
     out = root_search(host, "cn=config", "(objectClass=olcOverlayConfig)", "olcOverlay")
     assert overlay in out, f"overlay {overlay} missing"
-
-
-def test_memberof_overlay_retired(host: Any) -> None:
-    # dynlist computes memberOf; the memberof overlay would store it a second time.
-    out = root_search(host, "cn=config", "(objectClass=olcOverlayConfig)", "olcOverlay")
-    assert "memberof" not in out.lower()
-
-
-def test_member_of_is_computed_from_the_groups(host: Any) -> None:
-    """A group's member has the group in memberOf and is found by a memberOf filter."""
-    groups = f"ou=groups,{fact(host)['base_dn']}"
-    first = host.run(f"{ROOT_SEARCH} -o ldif-wrap=no -z 1 -b {shlex.quote(groups)} "
-                     "'(member=*)' member")
-    assert first.rc in (0, 4, 32), first.stderr  # 4: the size limit of 1 was reached
-    out = first.stdout
-    entries = [e for e in out.split("\n\n") if e.startswith("dn: ")]
-    if not entries:
-        pytest.skip("not verifiable: no group with a member in this directory")
-    group = entries[0].split("\n", 1)[0][len("dn: "):]
-    member = next(line[len("member: "):] for line in entries[0].splitlines()
-                  if line.startswith("member: "))
-    read = root_search(host, member, "-s", "base", "(objectClass=*)", "memberOf")
-    values = {line[len("memberOf: "):].lower() for line in read.splitlines()
-              if line.startswith("memberOf: ")}
-    assert group.lower() in values, f"{member}: memberOf lacks {group}"
-    found = root_search(host, fact(host)["base_dn"], f"(memberOf={group})", "1.1")
-    assert f"dn: {member}".lower() in found.lower(), f"(memberOf={group}) misses {member}"
 
 
 @pytest.mark.parametrize(
