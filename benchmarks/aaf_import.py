@@ -50,6 +50,8 @@ that took; a replica still wrong then is refilled, so that no run leaves one beh
     .venv/bin/python benchmarks/aaf_import.py --lab --reset --replicas refresh
     .venv/bin/python benchmarks/aaf_import.py --lab --warm    # its data file read first
     .venv/bin/python benchmarks/aaf_import.py --lab --no-cache  # every file parsed each time
+    .venv/bin/python benchmarks/aaf_import.py --lab --reset --more-deltas 3 --drop-cache
+                                        # three more Deltas, slapd restarted out of the cache first
 """
 
 from __future__ import annotations
@@ -191,6 +193,10 @@ def _base_entry() -> str:
 SYNC_TIMEOUT = 600.0
 EMPTY = ("systemctl stop slapd && rm -f /var/lib/ldap/data.mdb /var/lib/ldap/lock.mdb && "
          "systemctl start slapd")
+# slapd restarted with its database file out of the page cache (as the bulk load's settle does).
+DROP_CACHE = ("systemctl stop slapd && sync /var/lib/ldap/data.mdb && "
+              "dd if=/var/lib/ldap/data.mdb iflag=nocache count=0 status=none && "
+              "systemctl start slapd")
 
 
 class LabDirectory:
@@ -228,6 +234,26 @@ class LabDirectory:
         for name, run in self.replicas.items():
             _say(f"replica {name}: {what}")
             run(command)
+
+    def drop_cache(self) -> None:
+        _say(f"{self.container}: slapd stopped, data.mdb dropped from the page cache, started")
+        self.provider(DROP_CACHE)
+        self.wait("after the restart")
+
+    def slapd_cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the slapd of each lab container (directory and replicas),
+        read from /proc on this host (the containers share its kernel)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        used = {}
+        for host in [self.farm.spec.services["directory"].hosts[0], *self.replicas]:
+            name = self.farm.container_name(host)
+            top = subprocess.run(["docker", "top", name, "-o", "pid,comm"], capture_output=True,
+                                 text=True, check=True).stdout.splitlines()[1:]
+            pids = [line.split()[0] for line in top if line.split()[1:2] == ["slapd"]]
+            stats = [Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                     for pid in pids]
+            used[host] = sum(int(f[11]) + int(f[12]) for f in stats) / tick
+        return used
 
     def empty_replicas(self) -> None:
         self.run_on_replicas(EMPTY, "emptied, slapd restarted")
@@ -284,6 +310,17 @@ class LabDirectory:
 
 
 # -- measured steps -------------------------------------------------------------------------------
+
+
+def _cli_summary(out: str) -> dict[str, Any]:
+    """The change count and step timings of the CLI's summary line ("N change(s) applied;
+    read 1.0 s, …")."""
+    said = re.search(r"(\d+) change\(s\) (?:applied|computed); (.*)", out)
+    if not said:
+        return {}
+    return {"changes": int(said.group(1)),
+            "timings": {k: float(v) for k, v in re.findall(r"([\w-]+) ([\d.]+) s",
+                                                            said.group(2))}}
 
 
 def run_child(argv: list[str], env: dict[str, str] | None = None
@@ -422,6 +459,12 @@ def main() -> None:
                         "servers' replicas first")
     p.add_argument("--replicas", choices=("sync", "refresh", "stopped", "any"), default="sync",
                    help="--lab: the replicas' state when the Delta starts (see above)")
+    p.add_argument("--more-deltas", type=int, default=0,
+                   help="--lab: after the Delta, this many more 1 %% Deltas, each on top of the "
+                        "last, with the CPU each slapd used during each")
+    p.add_argument("--drop-cache", action="store_true",
+                   help="--lab, with --more-deltas: restart the directory's slapd with its "
+                        "database file dropped from the page cache before them")
     p.add_argument("--warm", action="store_true",
                    help="read the directory's data file into the page cache before the "
                         "no-change and Delta steps (see warm() and its caveat)")
@@ -523,13 +566,31 @@ def main() -> None:
                 row["warm_s"] = round(warmed, 2)
             if not args.lab:
                 row.update(json.loads(out))
-            else:  # the CLI's own summary line: "N change(s) applied; read 1.0 s, …"
-                said = re.search(r"(\d+) change\(s\) (?:applied|computed); (.*)", out)
-                if said:
-                    row["changes"] = int(said.group(1))
-                    row["timings"] = {k: float(v) for k, v in
-                                      re.findall(r"([\w-]+) ([\d.]+) s", said.group(2))}
+            else:
+                row.update(_cli_summary(out))
             rows[name] = row
+        if lab_dir and args.more_deltas:
+            from entfarm.aaf.generate import generate_delta
+            from entfarm.model import load_farm
+
+            code = load_farm(inventory).spec.academie.code
+            if args.drop_cache:
+                lab_dir.drop_cache()
+            for k in range(args.more_deltas):
+                name = f"delta {k + 2}"
+                more = generate_delta(complet, work / f"delta-{k + 2}", seed=100 + k,
+                                      share=0.01, prefix=code)
+                for f in more.files:
+                    shutil.copy(f, complet / f.name)
+                lab_dir.wait(f"before the {name}")
+                _say(f"import: {name}")
+                cpu_before = lab_dir.slapd_cpu()
+                wall, rss, out, cpu = run_child(importer_argv(args, complet, inventory, uri))
+                cpu_after = lab_dir.slapd_cpu()
+                rows[name] = {"seconds": wall, "cpu_s": cpu, "rss_mib": rss,
+                              "slapd_cpu_s": {h: round(cpu_after[h] - cpu_before.get(h, 0), 2)
+                                              for h in cpu_after},
+                              **_cli_summary(out)}
         people = server.count_people() if server else None
     finally:
         if server:
@@ -579,6 +640,12 @@ def main() -> None:
                 f"{r['host']} {r['seconds']:.1f} s" if r["in_sync"] else
                 f"{r['host']} NOT (refilled)" for r in seen["after"]) + " after it"
         print(line)
+    for name, r in rows.items():
+        if name.startswith("delta "):
+            shown = ", ".join(f"{k} {v:.1f} s" for k, v in r.get("timings", {}).items())
+            slapd = ", ".join(f"{h} {v:.1f} s" for h, v in r["slapd_cpu_s"].items())
+            print(f"{name:<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} {r['cpu_s']:6.1f} "
+                  f"{r['rss_mib']:13.0f} {r.get('changes', '?'):>8}  {shown}; slapd CPU: {slapd}")
     if "full-online" in rows:
         r = rows["full-online"]
         print(f"{'(online)':<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} "
