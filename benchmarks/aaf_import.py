@@ -193,10 +193,6 @@ def _base_entry() -> str:
 SYNC_TIMEOUT = 600.0
 EMPTY = ("systemctl stop slapd && rm -f /var/lib/ldap/data.mdb /var/lib/ldap/lock.mdb && "
          "systemctl start slapd")
-# slapd restarted with its database file out of the page cache (as the bulk load's settle does).
-DROP_CACHE = ("systemctl stop slapd && sync /var/lib/ldap/data.mdb && "
-              "dd if=/var/lib/ldap/data.mdb iflag=nocache count=0 status=none && "
-              "systemctl start slapd")
 
 
 class LabDirectory:
@@ -208,7 +204,8 @@ class LabDirectory:
         from entfarm.model import SCHOOL_SERVER_GROUP, load_farm
 
         self.farm = load_farm(REPO / "inventories" / "lab")
-        self.provider = self._runner(for_farm(self.farm))
+        self.transport = for_farm(self.farm)
+        self.provider = self._runner(self.transport)
         self.container = self.farm.container_name(self.farm.spec.services["directory"].hosts[0])
         self.replicas = {h.name: self._runner(for_host(self.farm, h.name))
                          for h in self.farm.hosts() if SCHOOL_SERVER_GROUP in h.services}
@@ -236,23 +233,27 @@ class LabDirectory:
             run(command)
 
     def drop_cache(self) -> None:
+        """slapd stopped, its database file dropped from the page cache by the bulk load's own
+        settle step, slapd started."""
+        from entfarm.aaf import bulk
+
         _say(f"{self.container}: slapd stopped, data.mdb dropped from the page cache, started")
-        self.provider(DROP_CACHE)
+        target = bulk.for_host(self.transport)
+        target.stop()
+        bulk._settle(target, "/var/lib/ldap")
+        target.start()
         self.wait("after the restart")
 
     def slapd_cpu(self) -> dict[str, float]:
         """CPU seconds used so far by the slapd of each lab container (directory and replicas),
         read from /proc on this host (the containers share its kernel)."""
-        tick = os.sysconf("SC_CLK_TCK")
         used = {}
         for host in [self.farm.spec.services["directory"].hosts[0], *self.replicas]:
             name = self.farm.container_name(host)
             top = subprocess.run(["docker", "top", name, "-o", "pid,comm"], capture_output=True,
                                  text=True, check=True).stdout.splitlines()[1:]
-            pids = [line.split()[0] for line in top if line.split()[1:2] == ["slapd"]]
-            stats = [Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                     for pid in pids]
-            used[host] = sum(int(f[11]) + int(f[12]) for f in stats) / tick
+            used[host] = sum(cpu_seconds(int(line.split()[0])) for line in top
+                             if line.split()[1:2] == ["slapd"])
         return used
 
     def empty_replicas(self) -> None:
@@ -310,6 +311,12 @@ class LabDirectory:
 
 
 # -- measured steps -------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cli_summary(out: str) -> dict[str, Any]:

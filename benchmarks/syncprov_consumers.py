@@ -75,12 +75,6 @@ ROOT_DN = (f"gidNumber={os.getgid()}+uidNumber={os.getuid()},cn=peercred,cn=exte
            "cn=auth")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def pid_of(process: SlapdProcess) -> int:
     return int((process.root / "slapd.pid").read_text().split()[0])
 
@@ -122,7 +116,7 @@ class Consumer:
             f'filter="{replica_filter(uai, bench.BASE)}"\n\n'))
 
     def cpu(self) -> float:
-        return cpu_seconds(pid_of(self.process))
+        return bench.cpu_seconds(pid_of(self.process))
 
     def stop(self) -> None:
         self.process.stop()
@@ -166,11 +160,11 @@ def one_round(args: argparse.Namespace, work: Path, provider: SlapdProcess, snap
             f"ldapsearch -LLL -Q -Y EXTERNAL -H ldapi:/// -b {bench.BASE} 1.1").count("dn: ")
             for c in consumers]
         time.sleep(args.settle)
-        before = cpu_seconds(pid_of(provider)), sum(c.cpu() for c in consumers)
+        before = bench.cpu_seconds(pid_of(provider)), sum(c.cpu() for c in consumers)
         wall, rss, out, _ = bench.run_child(bench.importer_argv(
             argparse.Namespace(lab=False, online=False, no_cache=False), complet, inventory,
             provider.uri, root=provider.root))
-        after = cpu_seconds(pid_of(provider)), sum(c.cpu() for c in consumers)
+        after = bench.cpu_seconds(pid_of(provider)), sum(c.cpu() for c in consumers)
         caught_up = wait_all(provider, consumers, "after the Delta")
         child = json.loads(out)
         row = {"consumers": count, "refresh_s": round(refresh, 1),
