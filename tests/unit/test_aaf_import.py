@@ -366,6 +366,24 @@ def test_independent_runs_cut_at_parent_kind_and_repeated_dn() -> None:
     assert ldif.parent(f"uid=é\\,c,ou=people,{base}") == f"ou=people,{base}"
 
 
+def test_ldif_parse_reads_every_form_ldapsearch_and_the_writer_use() -> None:
+    from entfarm.aaf import ldif
+
+    entry = {"objectClass": ["inetOrgPerson"], "cn": ["Élodie Ça: va", " lead", "trail "],
+             "sn": ["plain: with colon"], "description": [""], "mail": ["a@b.c"]}
+    written = ldif.add("uid=é\\,c,ou=people,dc=x", entry)
+    text = (written.split("\n", 1)[1].replace("changetype: add\n", "", 1)).encode()
+    dn_line = written.split("\n", 1)[0]
+    data = (b"# extended LDIF\n" + dn_line.encode() + b"\n" + text + b"\n"
+            + b"dn: uid=b,ou=people,dc=x\r\nSN: folded\r\n  value\r\nmail:direct\r\n\r\n"
+            + b"stray: after a blank line\n")
+    got = ldif.parse(data, ["sn", "mail"])
+    assert got == {
+        "uid=é\\,c,ou=people,dc=x": {k: v for k, v in entry.items()},
+        "uid=b,ou=people,dc=x": {"sn": ["folded value"], "mail": ["direct"]},
+    }
+
+
 def test_parallel_streams_finish_and_report_a_failed_one(directory: Directory) -> None:
     from entfarm.aaf import ldif
     from entfarm.aaf.transport import TransportError
