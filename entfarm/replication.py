@@ -101,8 +101,10 @@ def _unquote(value: str) -> str:
 
 
 def _dns(run: Runner, base: str, scope: str, ldap_filter: str) -> set[str]:
+    # Exit 32 (noSuchObject): no search base, as on a replica emptied and not refilled yet,
+    # which holds nothing.
     out = run(f"{SEARCH} -b {shlex.quote(base)} -s {shlex.quote(scope)} "
-              f"{shlex.quote(ldap_filter)} 1.1")
+              f"{shlex.quote(ldap_filter)} 1.1 || [ $? -eq 32 ]")
     return {_norm(dn) for dn in parse(out.encode())}
 
 

@@ -119,3 +119,20 @@ def test_a_replica_in_sync_then_behind_then_wrong_while_believing_itself_in_sync
     assert (state.extra_count, state.missing_count) == (1, 0)
     assert state.extra == (f"cn={UAI.lower()}$stale,ou=groups,dc=fr",)
     assert "believes itself in sync" in state.describe()
+
+
+def test_an_emptied_replica_holds_nothing_rather_than_failing(pair: Pair, tmp_path: Path
+                                                               ) -> None:
+    """A replica whose database was emptied has no search base until it refills: its
+    ldapsearch exits 32, which means it holds nothing (the AAF benchmark's reset read it so)."""
+    init_slapd(tmp_path)
+    empty = SlapdProcess(tmp_path)
+    empty.start()
+    try:
+        # pointed at a provider that does not answer, so that it stays empty
+        pair.set_provider(empty, pair.provider.uri.replace("provider", "nowhere"))
+        state = replica_state(pair.provider.runner(), empty.runner())
+    finally:
+        empty.stop()
+    assert not state.in_sync and state.held == 0 and state.replica_csn == (), state.describe()
+    assert state.expected >= 4 and state.missing_count == state.expected
