@@ -379,7 +379,7 @@ def test_ldif_parse_reads_every_form_ldapsearch_and_the_writer_use() -> None:
             + b"stray: after a blank line\n")
     got = ldif.parse(data, ["sn", "mail"])
     assert got == {
-        "uid=é\\,c,ou=people,dc=x": {k: v for k, v in entry.items()},
+        "uid=é\\,c,ou=people,dc=x": entry,
         "uid=b,ou=people,dc=x": {"sn": ["folded value"], "mail": ["direct"]},
     }
 
