@@ -325,9 +325,11 @@ def _cli_summary(out: str) -> dict[str, Any]:
     said = re.search(r"(\d+) change\(s\) (?:applied|computed); (.*)", out)
     if not said:
         return {}
+    how = re.search(r"persons' state ([\w ]+?)\s*$", said.group(2))
     return {"changes": int(said.group(1)),
             "timings": {k: float(v) for k, v in re.findall(r"([\w-]+) ([\d.]+) s",
-                                                            said.group(2))}}
+                                                            said.group(2))},
+            **({"people_state": how.group(1)} if how else {})}
 
 
 def run_child(argv: list[str], env: dict[str, str] | None = None
@@ -379,6 +381,7 @@ def child_main(args: argparse.Namespace) -> None:
     hwm = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
     print(json.dumps({"counts": dict(result.changes.counts), "changes": result.changes.changes,
                       "timings": {k: round(v, 2) for k, v in result.timings.items()},
+                      "people_state": result.people_state,
                       # The importer's Python process alone (rss_mib: with the tools it ran).
                       "importer_rss_mib": round(int(hwm.group(1)) / 1024, 1) if hwm else None}))
 
@@ -653,6 +656,8 @@ def main() -> None:
             slapd = ", ".join(f"{h} {v:.1f} s" for h, v in r["slapd_cpu_s"].items())
             print(f"{name:<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} {r['cpu_s']:6.1f} "
                   f"{r['rss_mib']:13.0f} {r.get('changes', '?'):>8}  {shown}; slapd CPU: {slapd}")
+    print("persons' state read: " + ", ".join(
+        f"{name} {r['people_state']}" for name, r in rows.items() if "people_state" in r))
     if "full-online" in rows:
         r = rows["full-online"]
         print(f"{'(online)':<10} {r['seconds']:8.1f} {r['seconds'] / ref:10.2f} "

@@ -512,7 +512,7 @@ def aaf_import(path: str, inventory: str | None, dry_run: bool, show_ldif: bool,
         click.echo(cs.ldif, nl=False)
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
     console.print(f"{cs.changes} change(s) {'applied' if result.applied else 'computed'}; "
-                  f"{timings}")
+                  f"{timings}; persons' state {result.people_state}")
     for p in result.distribution:
         console.print(f"distribution file (one-time codes, mode 0600): {p}", markup=False)
     if result.bulk_backup:

@@ -45,6 +45,7 @@ from .mapping import (
     group_memberships,
     person_entry,
 )
+from .people_state import Reading, Store
 from .transport import Transport
 
 Progress = Callable[[str], None]
@@ -118,6 +119,7 @@ class ImportResult:
     distribution: list[Path]
     timings: dict[str, float]
     bulk_backup: Path | None = None  # the slapcat backup taken before a bulk load
+    people_state: str = "searched"  # how the persons' state was read (people_state.Reading)
 
 
 def _ssha(code: str, algorithm: str = "sha512", salt: bytes | None = None) -> str:
@@ -159,6 +161,7 @@ class Directory:
         self.base = base_dn
         self.streams = streams  # ldapmodify side by side at most (see apply_parts)
         self._pending: dict[Query, Future[bytes] | forked.Forked[bytes]] = {}
+        self._pending_sync: dict[Query, forked.Forked[bytes]] = {}
 
     def prefetch(self, queries: list[Query], in_child: Collection[Query] = ()) -> None:
         """Start searches in the background (the server and ldapsearch work while the export is
@@ -182,11 +185,25 @@ class Directory:
                 self._pending[q] = pool.submit(self._raw, *q)
         pool.shutdown(wait=False)
 
+    def prefetch_sync(self, query: Query, cookie: str | None) -> None:
+        """Start :meth:`sync_raw` of ``query`` in a forked child; :meth:`take_sync` takes it."""
+        (child,) = forked.fork_each(lambda q: self.sync_raw(*q, cookie), [query])
+        self._pending_sync[query] = child
+
+    def take_sync(self, query: Query) -> bytes:
+        pending = self._pending_sync.pop(query, None)
+        return pending.result() if pending is not None else self.sync_raw(*query, None)
+
+    def mark_people(self, descriptions: list[str]) -> None:
+        """ou=people's descriptions, replaced (the import marker among them: people_state)."""
+        self.apply(ldif.modify(f"ou=people,{self.base}", {"description": descriptions}))
+
     def drop_prefetched(self) -> None:
         """Stop the searches nobody took (an import refused before it read the directory): a
         forked one would otherwise wait on its full pipe for as long as this process lives."""
         pending, self._pending = self._pending, {}
-        for p in pending.values():
+        syncs, self._pending_sync = self._pending_sync, {}
+        for p in [*pending.values(), *syncs.values()]:
             if isinstance(p, forked.Forked):
                 p.cancel()
 
@@ -207,6 +224,14 @@ class Directory:
     def _search(self, base: str, filt: str, attrs: tuple[str, ...], scope: str
                 ) -> dict[str, ldif.Entry]:
         return ldif.parse(self._raw(base, filt, attrs, scope), attrs)
+
+    def sync_raw(self, base: str, filt: str, attrs: tuple[str, ...], scope: str,
+                 cookie: str | None) -> bytes:
+        """A refreshOnly sync search (RFC 4533) from ``cookie`` (None: from nothing), printed
+        as extended LDIF: its sync states, ID sets and cookie are comments (see people_state)."""
+        return self.t.run(["ldapsearch", *self._auth(), "-o", "ldif-wrap=no", "-z", "0",
+                           "-E", "sync=ro" + (f"/{cookie}" if cookie else ""),
+                           "-s", scope, "-b", base, filt, *attrs], ok=(0,), compress=True)
 
     def people_by_jointure(self, jointures: list[str], attrs: tuple[str, ...]
                            ) -> dict[str, ldif.Entry]:
@@ -345,7 +370,8 @@ def reads(base: str, full_compare: bool = False) -> list[Query]:
     """
     people_attrs = (*PERSON_ATTRIBUTES, "uid") if full_compare else PERSON_STATE_ATTRIBUTES
     return [
-        (base, "(objectClass=organizationalUnit)", ("ou",), "one"),
+        # description: the import marker on ou=people (entfarm.aaf.people_state)
+        (base, "(objectClass=organizationalUnit)", ("ou", "description"), "one"),
         (base, "(objectClass=*)", ("dn",), "base"),
         (f"ou=people,{base}", "(ENTPersonJointure=*)", people_attrs, "one"),
         (f"ou=structures,{base}", "(objectClass=ENTStructure)", STRUCTURE_ATTRIBUTES, "one"),
@@ -365,8 +391,8 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
             max_deactivate: float, force: bool, remembered: dict[str, str],
             progress: Progress, full_compare: bool = False,
             scope: Collection[str] | None = None, held: Collection[str] = (),
-            stream: Callable[[int], bulk_load.StreamingLoad | None] | None = None
-            ) -> ChangeSet:
+            stream: Callable[[int], bulk_load.StreamingLoad | None] | None = None,
+            reading: Reading | None = None) -> ChangeSet:
     """The change set; raises ImportRefused before anything is written.
 
     A person whose stored digest (ENTPersonEmpreinte) equals the digest of what the export says
@@ -406,7 +432,10 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         if dn.lower() not in {k.lower() for k in tops}:
             cs.ldif_parts.append(ldif.add(dn, {"objectClass": ["organizationalUnit"], "ou": [ou]}))
             cs.count("containers add")
-    people = directory.search(*q_people)
+    people_top = next((e for dn, e in tops.items() if dn.lower() == f"ou=people,{base}".lower()),
+                      {})
+    people = (reading.take(people_top.get("description", [])) if reading is not None
+              else directory.search(*q_people))
     structures = directory.search(*q_structures)
     groups = directory.search(*q_groups)
     untagged = directory.search(*q_untagged)
@@ -664,9 +693,10 @@ def _login_of(dn: str, entry: ldif.Entry) -> str:
     return value if name.strip().lower() == "uid" else ""
 
 
-def record_cache(farm: Farm, export: Path, *, write: bool = True) -> RecordCache | None:
-    """The export's record cache, with the farm's key (made on first use, 0600 in the private
-    state directory; None when there is none yet and ``write`` is False)."""
+def _farm_key(farm: Farm, *, write: bool = True) -> bytes | None:
+    """The farm's key for what the importer keeps between runs (the export's record cache,
+    the persons' state): made on first use, 0600 in the private state directory; None when
+    there is none yet and ``write`` is False."""
     path = farm.state_dir / "aaf" / "record-cache.key"
     try:
         key = path.read_bytes()
@@ -677,8 +707,16 @@ def record_cache(farm: Farm, export: Path, *, write: bool = True) -> RecordCache
         _write_private_bytes(path, key)
     if len(key) != 32:
         raise UserError(f"{path}: expected 32 bytes, found {len(key)}; delete it (the record "
-                        "caches of the exports are then parsed over once)")
-    return RecordCache(export, key, write=write)
+                        "caches of the exports are then parsed over once, and the persons' "
+                        "state read in full)")
+    return key
+
+
+def record_cache(farm: Farm, export: Path, *, write: bool = True) -> RecordCache | None:
+    """The export's record cache, with the farm's key (None when there is none yet and
+    ``write`` is False)."""
+    key = _farm_key(farm, write=write)
+    return None if key is None else RecordCache(export, key, write=write)
 
 
 def _logins_file(state: Path) -> Path:
@@ -799,7 +837,16 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
         loading = start_load(path, cache=cache)
     queries = reads(farm.spec.academie.base_dn, full_compare)
     _tops, _base, people, _structures, _groups, _untagged, _schema = queries
-    directory.prefetch(queries, in_child=[people])
+    # The persons' state from the directory's sync feed, on top of what the last import kept
+    # (entfarm.aaf.people_state); a full compare reads every attribute with a plain search.
+    key = None if full_compare else _farm_key(farm, write=not dry_run)
+    reading = Reading(directory, people, None if key is None else Store(
+        farm.state_dir / "aaf" / "people-state", key))
+    if reading.store is None:
+        directory.prefetch(queries, in_child=[people])
+    else:
+        reading.start()  # a fork, before the searches' threads
+        directory.prefetch([q for q in queries if q != people])
     if loading is not None:
         export = loading.finish(progress)
     assert export is not None
@@ -832,10 +879,13 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
     try:
         cs = compute(export, farm, directory, now=now, max_deactivate=max_deactivate,
                      force=force, remembered=remembered, progress=progress,
-                     full_compare=full_compare, scope=scope, held=held, stream=stream)
+                     full_compare=full_compare, scope=scope, held=held, stream=stream,
+                     reading=reading)
+        people_state = reading.how
+        progress(f"persons' state: {people_state}")
         timings["compare"] = time.monotonic() - t1
         if dry_run:
-            return ImportResult(cs, False, None, [], timings)
+            return ImportResult(cs, False, None, [], timings, people_state=people_state)
         t2 = time.monotonic()
         record: dict[str, Any] = {
             "started": now.isoformat(), "export": str(path),
@@ -843,6 +893,7 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
             "per_uai": {u: dict(c) for u, c in cs.per_uai.items()}, "skipped": dict(cs.skipped),
             "force": force, "max_deactivate": max_deactivate, "full_compare": full_compare,
             "scope": None if scope is None else sorted(scope), "held": sorted(held),
+            "people_state": people_state,
         }
         offline = bool(streaming) or use_bulk(cs, bulk, bulk_target)
         backup: Path | None = None
@@ -882,11 +933,18 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                 record["error"] = str(exc)
                 _write_run(state, stamp, record)
                 raise
+        # The import's last write, when it wrote: the marker of the state it keeps.
+        try:
+            reading.commit(wrote=bool(cs.changes), bulk=offline, stamp=stamp)
+        except UserError as exc:
+            progress(f"the persons' state is not kept ({exc}): the next import reads it all")
+            if reading.store is not None:
+                reading.store.drop()
         timings["apply"] = time.monotonic() - t2
         distribution = _keep_accounts(state, cs, stamp, remembered)
         record.update(status="ok", timings=timings, distribution=[str(p) for p in distribution])
         run = _write_run(state, stamp, record)
-        return ImportResult(cs, True, run, distribution, timings, backup)
+        return ImportResult(cs, True, run, distribution, timings, backup, people_state)
     except BaseException as exc:
         # Offline and fed, but neither finished nor restored (an error, an interrupt): restore.
         if streaming and not streaming[0].ended:

@@ -19,6 +19,7 @@ from entfarm.aaf.bulk import BulkLoadFailed, BulkTarget
 from entfarm.aaf.generate import generate, generate_delta
 from entfarm.aaf.importer import Directory, run_import
 from entfarm.aaf.ldif import parse
+from entfarm.aaf.people_state import MARKER_PREFIX
 from entfarm.aaf.transport import TransportError
 from entfarm.model import Farm, load_farm
 
@@ -55,8 +56,10 @@ def _content(directory: Directory) -> dict[str, dict[str, list[str]]]:
                            "-o", "ldif-wrap=no", "-b", directory.base, "(objectClass=*)", "*",
                            "memberOf"])
     pattern = re.compile(re.escape(directory.base), re.IGNORECASE)
+    # each import's marker is its own (entfarm.aaf.people_state): not compared
     return {pattern.sub("BASE", dn).lower(): {
-        name.lower(): sorted(pattern.sub("BASE", v) for v in values)
+        name.lower(): sorted(pattern.sub("BASE", v) for v in values
+                             if not v.startswith(MARKER_PREFIX))
         for name, values in entry.items() if name.lower() not in _NOT_COMPARED}
         for dn, entry in parse(out).items() if dn.lower() != directory.base.lower()}
 

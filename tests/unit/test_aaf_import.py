@@ -140,6 +140,55 @@ def test_digests_skip_only_what_is_really_unchanged(
     assert _people(directory)[dn]["sn"] == entry["sn"]
 
 
+def test_the_kept_state_sees_what_others_changed_and_a_foreign_marker(
+        export: Path, farm: Farm, directory: Directory, tmp_path: Path) -> None:
+    """The persons' state kept between imports (entfarm.aaf.people_state), brought up to date
+    from slapd's sync feed, sees hand changes as a full read would; a marker on ou=people that
+    is not the kept state's (a restored directory) makes the import read everything."""
+    def imported(feed: Path, days: int) -> tuple[Counter[str], list[str]]:
+        said: list[str] = []
+        result = run_import(feed, farm, directory, now=NOW + dt.timedelta(days=days),
+                            progress=said.append)
+        return result.changes.counts, [line for line in said if "persons' state" in line]
+
+    feed = _copy(export, tmp_path)
+    assert imported(feed, 0)[1] == ["persons' state: searched"]  # no ou=people to sync yet
+    generate_delta(feed, feed, seed=3, share=0.02)
+    assert imported(feed, 1)[1] == ["persons' state: synced in full"]
+    state_file = farm.state_dir / "aaf" / "people-state"
+    assert state_file.exists() and stat.S_IMODE(state_file.stat().st_mode) == 0o600
+    # By hand: one person deleted, one deactivated, one digest spoiled; a description of
+    # ou=people, which the import's marker leaves in place.
+    people = {dn: e for dn, e in _people(directory).items() if e["ENTPersonEtat"] == ["ACTIF"]}
+    gone, off, spoiled = sorted(people)[:3]
+    people_ou = f"ou=people,{directory.base}"
+    directory.apply(f"dn: {people_ou}\nchangetype: modify\nadd: description\n"
+                    "description: Les personnes\n-\n\n"
+                    f"dn: {gone}\nchangetype: delete\n\n"
+                    f"dn: {off}\nchangetype: modify\nreplace: ENTPersonEtat\n"
+                    "ENTPersonEtat: DESACTIVE\n-\n\n"
+                    f"dn: {spoiled}\nchangetype: modify\nreplace: ENTPersonEmpreinte\n"
+                    "ENTPersonEmpreinte: 0\n-\n\n")
+    counts, said = imported(feed, 2)
+    assert said == ["persons' state: synced"]
+    assert (counts["people add"], counts["people reactivate"], counts["people modify"]) == (
+        1, 1, 1), counts
+    described = directory.search(directory.base, "(ou=people)", ("description",))[people_ou]
+    assert described["description"][0] == "Les personnes", described
+    assert len(described["description"]) == 2 and described["description"][1].startswith(
+        "entfarm-aaf-import 20250904T")
+    # Up to date, as a full read says; a no-change import writes nothing, not even a marker.
+    before = directory.dump()
+    counts, said = imported(feed, 2)
+    assert said == ["persons' state: synced"] and sum(counts.values()) == 0, counts
+    assert directory.dump() == before
+    # A directory restored from before the last import holds another marker: read in full.
+    directory.apply(f"dn: {people_ou}\nchangetype: modify\nreplace: description\n"
+                    "description: entfarm-aaf-import 20250101T000000Z 0000\n-\n\n")
+    counts, said = imported(feed, 2)
+    assert said == ["persons' state: synced in full"] and sum(counts.values()) == 0, counts
+
+
 def test_class_move_changes_one_member_value_each_way(
         export: Path, farm: Farm, directory: Directory, tmp_path: Path) -> None:
     run_import(export, farm, directory, now=NOW)
@@ -287,15 +336,13 @@ def test_dry_run_writes_nothing(export: Path, farm: Farm, directory: Directory,
 def test_an_export_already_read_makes_no_record_cache(export: Path, farm: Farm,
                                                      directory: Directory,
                                                      tmp_path: Path) -> None:
-    """A wave reads its export once and passes it: the import neither reads nor makes a cache,
-    nor the farm's key."""
+    """A wave reads its export once and passes it: the import neither reads nor makes a cache."""
     feed = _copy(export, tmp_path)
     shutil.rmtree(feed / ".entfarm-cache", ignore_errors=True)
     read = load(feed)
     result = run_import(feed, farm, directory, now=NOW, export=read)
     assert result.changes.counts["people add"] > 150
     assert not (feed / ".entfarm-cache").exists()
-    assert not (farm.state_dir / "aaf" / "record-cache.key").exists()
 
 
 def test_a_second_import_of_the_farm_is_refused_while_one_runs(
