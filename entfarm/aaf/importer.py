@@ -153,6 +153,10 @@ def _months_before(now: dt.datetime, months: int) -> dt.datetime:
     return now.replace(year=year, month=month, day=day)
 
 
+# An entryUUID no entry has (slapd makes version 1 UUIDs): a search for it matches nothing.
+_NO_UUID = "00000000-0000-0000-0000-000000000000"
+
+
 class Directory:
     """Reads and writes the directory through a transport, with the OpenLDAP client tools."""
 
@@ -186,13 +190,13 @@ class Directory:
         pool.shutdown(wait=False)
 
     def prefetch_sync(self, query: Query, cookie: str | None) -> None:
-        """Start :meth:`sync_raw` of ``query`` in a forked child; :meth:`take_sync` takes it."""
-        (child,) = forked.fork_each(lambda q: self.sync_raw(*q, cookie), [query])
+        """Start :meth:`state_raw` of ``query`` in a forked child; :meth:`take_sync` takes it."""
+        (child,) = forked.fork_each(lambda q: self.state_raw(*q, cookie), [query])
         self._pending_sync[query] = child
 
     def take_sync(self, query: Query) -> bytes:
         pending = self._pending_sync.pop(query, None)
-        return pending.result() if pending is not None else self.sync_raw(*query, None)
+        return pending.result() if pending is not None else self.state_raw(*query, None)
 
     def mark_people(self, descriptions: list[str]) -> None:
         """ou=people's descriptions, replaced (the import marker among them: people_state)."""
@@ -224,6 +228,20 @@ class Directory:
     def _search(self, base: str, filt: str, attrs: tuple[str, ...], scope: str
                 ) -> dict[str, ldif.Entry]:
         return ldif.parse(self._raw(base, filt, attrs, scope), attrs)
+
+    def state_raw(self, base: str, filt: str, attrs: tuple[str, ...], scope: str,
+                  cookie: str | None) -> bytes:
+        """What people_state.parse_state reads: from ``cookie``, the sync search. From nothing,
+        the directory's cookie first (a sync search that matches nothing answers at once),
+        then the entries by a plain search with their entryUUID, after a NUL byte (LDIF has
+        none): a sync search without cookie sends the same entries each with its sync state,
+        which costs more to send and to read (docs/performance.md, twelfth session). Read after
+        its cookie, the state is only newer than the cookie says; the next feed brings those
+        entries again."""
+        if cookie is not None:
+            return self.sync_raw(base, filt, attrs, scope, cookie)
+        head = self.sync_raw(base, f"(entryUUID={_NO_UUID})", ("1.1",), scope, None)
+        return head + b"\0" + self._raw(base, filt, (*attrs, "entryUUID"), scope)
 
     def sync_raw(self, base: str, filt: str, attrs: tuple[str, ...], scope: str,
                  cookie: str | None) -> bytes:

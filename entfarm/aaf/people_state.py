@@ -20,8 +20,8 @@ printed as comments, which ``-L`` and ``-LLL`` leave out):
   only what is named is kept;
 - anything else (a refused cookie: slapd 2.5.13 answers 53 to a cookie newer than its state,
   and ldapsearch exits 53; a result line other than 0; no cookie; a UUID said present that
-  the kept state does not hold): the state is read again in full, with a sync search without
-  cookie.
+  the kept state does not hold): the state is read again in full: the directory's cookie
+  first, then every person by a plain search with its entryUUID (``Directory.state_raw``).
 
 A restored directory goes back in time without its cookies knowing. So an import that writes
 ends with a marker of its own on ``ou=people`` (a ``description`` value), and keeps the state
@@ -153,6 +153,26 @@ def parse_feed(data: bytes, names: Iterable[str]) -> Feed:
             elif dn is not None and lower in canonical:
                 entry.setdefault(canonical[lower], []).append(value)
     end_entry()
+    return feed
+
+
+def parse_state(data: bytes, names: Iterable[str]) -> Feed:
+    """What ``Directory.state_raw`` returned: a sync feed, or (read from no cookie) the
+    directory's cookie, a NUL byte, then every entry with its entryUUID, given as a feed that
+    sends everything."""
+    if b"\0" not in data:
+        return parse_feed(data, names)
+    head, body = data.split(b"\0", 1)
+    feed = parse_feed(head, ())
+    if feed.changed or feed.present or feed.deleted:
+        feed.problems.append("the cookie's search matched entries")
+    names = tuple(names)
+    for dn, entry in ldif.parse(body, (*names, "entryUUID")).items():
+        uuid = entry.pop("entryUUID", [""])[0].strip().lower()
+        if not uuid:
+            feed.problems.append(f"entry {dn} without an entryUUID")
+            continue
+        feed.changed[uuid] = (dn, entry)
     return feed
 
 
@@ -332,10 +352,10 @@ class Reading:
 
         try:
             raw = (self.directory.take_sync(self.query) if prefetched
-                   else self.directory.sync_raw(*self.query, None))
+                   else self.directory.state_raw(*self.query, None))
         except TransportError:
             return None
-        return parse_feed(raw, self.query[2])
+        return parse_state(raw, self.query[2])
 
     def commit(self, wrote: bool, bulk: bool, stamp: str) -> None:
         """After the import's changes are written: keep the state with a new marker written as

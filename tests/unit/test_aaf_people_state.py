@@ -12,7 +12,7 @@ from aaf_conftest import SCHEMAS, SLAPD, Slapd, init_slapd
 
 from entfarm.aaf import ldif
 from entfarm.aaf.importer import Directory
-from entfarm.aaf.people_state import Kept, State, Store, merge, parse_feed
+from entfarm.aaf.people_state import Kept, State, Store, merge, parse_feed, parse_state
 from entfarm.aaf.transport import TransportError
 
 ATTRS = ("ENTPersonJointure", "ENTPersonLogin", "ENTPersonEtat")
@@ -119,3 +119,38 @@ def test_the_store_loads_nothing_it_did_not_write(tmp_path: Path) -> None:
     assert store.load("here") is None
     store.path.write_bytes(bytes(blob[:50]))  # cut short
     assert store.head("here") is None
+
+
+def test_a_state_read_from_nothing_carries_a_cookie_the_next_feed_starts_from(server: Slapd
+                                                                              ) -> None:
+    """From no cookie: the directory's cookie, then a plain search with the entryUUIDs; a
+    change made after that read comes in the next feed as a change, not as a full refresh."""
+    directory = Directory(server.transport, BASE)
+    directory.apply(
+        "dn: dc=fr\nchangetype: add\nobjectClass: dcObject\nobjectClass: organization\n"
+        "dc: fr\no: fr\n\n"
+        + ldif.add(PEOPLE, {"objectClass": ["organizationalUnit"], "ou": ["people"]})
+        + "".join(_person(f"p{i}") for i in range(5)))
+    raw = directory.state_raw(PEOPLE, "(ENTPersonJointure=*)", ATTRS, "one", None)
+    assert b"\0" in raw
+    feed = parse_state(raw, ATTRS)
+    assert feed.cookie and not feed.problems and len(feed.changed) == 5
+    kept = merge(None, feed)
+    assert kept is not None and _by_dn(kept) == _truth(directory)
+    assert all(set(entry) <= set(ATTRS) for _dn, entry in kept.values())
+
+    directory.apply(f"dn: uid=p1,{PEOPLE}\nchangetype: modify\nreplace: ENTPersonEtat\n"
+                    "ENTPersonEtat: DESACTIVE\n-\n\n"
+                    f"dn: uid=p2,{PEOPLE}\nchangetype: delete\n\n")
+    nxt = parse_state(directory.state_raw(PEOPLE, "(ENTPersonJointure=*)", ATTRS, "one",
+                                          feed.cookie), ATTRS)
+    assert nxt.refresh_deletes is True and len(nxt.changed) == 1 and nxt.deleted
+    state = merge(kept, nxt)
+    assert state is not None and _by_dn(state) == _truth(directory)
+
+
+def test_a_state_read_from_nothing_without_uuids_is_not_trusted() -> None:
+    head = b"# SyncDone control refreshDeletes=0\n# cookie: rid=000,csn=1\nresult: 0 Success\n"
+    body = b"dn: uid=a,ou=people,dc=fr\nENTPersonEtat: ACTIF\n\n"
+    feed = parse_state(head + b"\0" + body, ATTRS)
+    assert feed.problems and merge(None, feed) is None
