@@ -41,6 +41,17 @@ def _person(uid: str, etat: str = "ACTIF") -> str:
         "ENTPersonJointure": [f"AAF${uid}"], "ENTPersonLogin": [uid], "ENTPersonEtat": [etat]})
 
 
+def _filled(server: Slapd, persons: int) -> Directory:
+    """The server's directory: the base, ou=people and persons p0, p1..."""
+    directory = Directory(server.transport, BASE)
+    directory.apply(
+        "dn: dc=fr\nchangetype: add\nobjectClass: dcObject\nobjectClass: organization\n"
+        "dc: fr\no: fr\n\n"
+        + ldif.add(PEOPLE, {"objectClass": ["organizationalUnit"], "ou": ["people"]})
+        + "".join(_person(f"p{i}") for i in range(persons)))
+    return directory
+
+
 def _truth(directory: Directory) -> dict[str, ldif.Entry]:
     return directory.search(PEOPLE, "(ENTPersonJointure=*)", ATTRS)
 
@@ -56,12 +67,7 @@ def _sync(directory: Directory, cookie: str | None) -> tuple[State | None, str |
 
 
 def test_the_feed_brings_the_kept_state_up_to_date(server: Slapd, tmp_path: Path) -> None:
-    directory = Directory(server.transport, BASE)
-    directory.apply(
-        "dn: dc=fr\nchangetype: add\nobjectClass: dcObject\nobjectClass: organization\n"
-        "dc: fr\no: fr\n\n"
-        + ldif.add(PEOPLE, {"objectClass": ["organizationalUnit"], "ou": ["people"]})
-        + "".join(_person(f"p{i}") for i in range(6)))
+    directory = _filled(server, 6)
     feed, cookie = _sync(directory, None)
     kept = merge(None, feed)
     assert kept is not None and _by_dn(kept) == _truth(directory)
@@ -125,12 +131,7 @@ def test_a_state_read_from_nothing_carries_a_cookie_the_next_feed_starts_from(se
                                                                               ) -> None:
     """From no cookie: the directory's cookie, then a plain search with the entryUUIDs; a
     change made after that read comes in the next feed as a change, not as a full refresh."""
-    directory = Directory(server.transport, BASE)
-    directory.apply(
-        "dn: dc=fr\nchangetype: add\nobjectClass: dcObject\nobjectClass: organization\n"
-        "dc: fr\no: fr\n\n"
-        + ldif.add(PEOPLE, {"objectClass": ["organizationalUnit"], "ou": ["people"]})
-        + "".join(_person(f"p{i}") for i in range(5)))
+    directory = _filled(server, 5)
     raw = directory.state_raw(PEOPLE, "(ENTPersonJointure=*)", ATTRS, "one", None)
     assert b"\0" in raw
     feed = parse_state(raw, ATTRS)
