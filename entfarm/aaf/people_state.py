@@ -319,8 +319,7 @@ class Reading:
     def start(self) -> None:
         if self.store is not None:
             self.directory.prefetch_sync(self.query, self.head[0] if self.head else None)
-            if self.head is not None and self.store is not None:
-                # loaded while slapd and the forked child work
+            if self.head is not None:  # loaded while slapd and the forked child work
                 state = self.store.state()
                 self.kept = None if state is None else Kept(self.where, *self.head, state)
 
