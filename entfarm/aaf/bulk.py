@@ -110,12 +110,16 @@ class Plan:
             yield offline_record(part, self.member_of.get(dn_of(part).lower(), ()))
 
 
-def offline_record(part: str, member_of: Iterable[str] = ()) -> str:
+def offline_record(part: str, member_of: Iterable[str] = (), uuid: str | None = None) -> str:
     """The slapadd record of an add change record: without its changetype line, with the
-    memberOf values the overlay would have written."""
+    memberOf values the overlay would have written, and ``uuid`` as its entryUUID if given
+    (slapadd makes one otherwise; the importer gives it to keep the persons' state it loads,
+    entfarm.aaf.people_state)."""
     start = part.index("\n") + 1
     record = part[:start] + part[start + len(_ADD):]
     extra = "".join(ldif.line(MEMBER_OF, g) for g in member_of)
+    if uuid is not None:
+        extra += ldif.line("entryUUID", uuid)
     return record[:-1] + extra + "\n" if extra else record
 
 
@@ -336,8 +340,8 @@ class StreamingLoad:
         self._writer.start()
         self.ended = False  # finish() or abandon() ran: the directory is online again
 
-    def add(self, part: str, member_of: Iterable[str] = ()) -> None:
-        self._batch.append(offline_record(part, member_of))
+    def add(self, part: str, member_of: Iterable[str] = (), uuid: str | None = None) -> None:
+        self._batch.append(offline_record(part, member_of, uuid))
         self.loaded += 1
         if len(self._batch) >= self._BATCH:
             self._flush()

@@ -240,8 +240,12 @@ class Directory:
         entries again."""
         if cookie is not None:
             return self.sync_raw(base, filt, attrs, scope, cookie)
-        head = self.sync_raw(base, f"(entryUUID={_NO_UUID})", ("1.1",), scope, None)
-        return head + b"\0" + self._raw(base, filt, (*attrs, "entryUUID"), scope)
+        return self.cookie_raw(base, scope) + b"\0" + self._raw(
+            base, filt, (*attrs, "entryUUID"), scope)
+
+    def cookie_raw(self, base: str, scope: str) -> bytes:
+        """The directory's current sync cookie: a sync search that matches nothing."""
+        return self.sync_raw(base, f"(entryUUID={_NO_UUID})", ("1.1",), scope, None)
 
     def sync_raw(self, base: str, filt: str, attrs: tuple[str, ...], scope: str,
                  cookie: str | None) -> bytes:
@@ -526,7 +530,8 @@ def compute(export: Export, farm: Farm, directory: Directory, *, now: dt.datetim
         cs.ldif_parts.append(ldif.add(dn, entry))
         if loader is not None:
             loader.add(cs.ldif_parts[-1], [g for g in dict.fromkeys(map(d.group_dn, joined))
-                                           if g not in groups])
+                                           if g not in groups],
+                       reading.load_person(dn, entry) if reading is not None else None)
         cs.count("people add", uai)
         classes = [v.split("$", 1)[1] for v in entry.get("ENTEleveClasses", [])]
         cs.new_accounts.append(NewAccount(
@@ -924,6 +929,8 @@ def _run_import(path: Path, farm: Farm, directory: Directory, *, dry_run: bool,
                     report = (streaming[0].finish() if streaming else bulk_load.load(
                         cs.ldif_parts, farm.spec.academie.base_dn, bulk_target,
                         state / "aaf" / "backups", stamp=stamp, progress=progress))
+                    if streaming:  # slapd is up again: the cookie of what it loaded
+                        reading.loaded_cookie()
                     backup = report.backup
                     record["bulk_backup"] = str(backup)
                     timings.update(report.timings)

@@ -40,6 +40,7 @@ import marshal
 import os
 import re
 import secrets
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,6 +316,10 @@ class Reading:
         self.cookie: str | None = None
         self.how = "searched"  # "searched", "synced" (from the kept state), "synced in full"
         self.descriptions: list[str] = []  # ou=people's, as take() was given them
+        # The persons a streaming bulk load writes, by the entryUUID given them, and the
+        # directory's cookie read once slapd is up again (see load_person).
+        self.loaded: State | None = None
+        self.loaded_from: str | None = None
 
     def start(self) -> None:
         if self.store is not None:
@@ -356,16 +361,52 @@ class Reading:
             return None
         return parse_state(raw, self.query[2])
 
+    def load_person(self, dn: str, entry: Entry) -> str | None:
+        """A person a first import loads offline (into a base that held no person): the
+        entryUUID to load it with, its state kept as written (None: nothing is kept). With the
+        cookie that :meth:`loaded_cookie` reads once slapd is up again, that is the persons'
+        state after the load, without reading 100 000 entries back: the next import is synced
+        from there (docs/architecture.md, "The persons' state between imports")."""
+        if self.store is None:
+            return None
+        if self.loaded is None:
+            self.loaded = {}
+        key = str(uuid.uuid4())
+        self.loaded[key] = (dn, {n: list(entry[n]) for n in self.query[2] if n in entry})
+        return key
+
+    def loaded_cookie(self) -> None:
+        """Right after a streaming bulk load started slapd again, before anything else writes:
+        the directory's cookie, which covers what slapadd loaded (``-w`` wrote the
+        contextCSN). What is written afterwards (the records left online, memberOf written by
+        the overlay) comes in the next import's feed. Unreadable: nothing is kept."""
+        from .transport import TransportError
+
+        if self.loaded is None:
+            return
+        try:
+            feed = parse_feed(self.directory.cookie_raw(self.query[0], self.query[3]), ())
+        except TransportError:
+            feed = None
+        if (feed is None or feed.result != 0 or feed.problems or feed.changed or feed.present
+                or feed.deleted):
+            self.loaded = None
+            return
+        self.loaded_from = feed.cookie
+
     def commit(self, wrote: bool, bulk: bool, stamp: str) -> None:
         """After the import's changes are written: keep the state with a new marker written as
         the import's last write. Nothing is kept or marked when the import wrote nothing (the
-        kept state and the directory's marker stay as they were), and a bulk load (a new
-        database file) drops what was kept."""
+        kept state and the directory's marker stay as they were). A bulk load keeps the state
+        of the persons it loaded into a base that held none, with the cookie read when slapd
+        started again (:meth:`load_person`); any other bulk load drops what was kept."""
         if self.store is None:
             return
         if bulk:
-            self.store.drop()
-            return
+            if self.loaded is None or self.loaded_from is None:
+                self.store.drop()
+                return
+            self.state, self.cookie = self.loaded, self.loaded_from
         if not wrote or self.state is None or self.cookie is None:
             return
         marker = new_marker(stamp)

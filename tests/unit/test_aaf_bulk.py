@@ -19,7 +19,7 @@ from entfarm.aaf.bulk import BulkLoadFailed, BulkTarget
 from entfarm.aaf.generate import generate, generate_delta
 from entfarm.aaf.importer import Directory, run_import
 from entfarm.aaf.ldif import parse
-from entfarm.aaf.people_state import MARKER_PREFIX
+from entfarm.aaf.people_state import MARKER_PREFIX, Store
 from entfarm.aaf.transport import TransportError
 from entfarm.model import Farm, load_farm
 
@@ -56,11 +56,13 @@ def _content(directory: Directory) -> dict[str, dict[str, list[str]]]:
                            "-o", "ldif-wrap=no", "-b", directory.base, "(objectClass=*)", "*",
                            "memberOf"])
     pattern = re.compile(re.escape(directory.base), re.IGNORECASE)
-    # each import's marker is its own (entfarm.aaf.people_state): not compared
+    # each import's marker is its own (entfarm.aaf.people_state), and an import into a base
+    # without ou=people (created by the import) keeps no state and writes none: not compared
     return {pattern.sub("BASE", dn).lower(): {
         name.lower(): sorted(pattern.sub("BASE", v) for v in values
                              if not v.startswith(MARKER_PREFIX))
-        for name, values in entry.items() if name.lower() not in _NOT_COMPARED}
+        for name, values in entry.items() if name.lower() not in _NOT_COMPARED
+        and not all(v.startswith(MARKER_PREFIX) for v in values)}
         for dn, entry in parse(out).items() if dn.lower() != directory.base.lower()}
 
 
@@ -116,8 +118,12 @@ def test_bulk_import_equals_online_import_then_deltas_agree(
     assert b"dn: " + bulk_dir.base.encode() in loaded.bulk_backup.read_bytes()
     # The same export again writes nothing; a Delta (online: people are there now) leaves both
     # directories alike, memberOf included, whether its entries came from slapadd or not.
-    assert run_import(export, bulk_farm, bulk_dir, now=NOW, bulk_target=spy.build()
-                      ).changes.changes == 0
+    # The load kept the state of the persons it wrote (their entryUUIDs given by the importer)
+    # with the cookie read when slapd came back: the next imports are synced from there.
+    kept = _kept(bulk_farm, bulk_dir)
+    assert kept == _state_read(bulk_dir) and len(kept) == loaded.changes.counts["people add"]
+    again = run_import(export, bulk_farm, bulk_dir, now=NOW, bulk_target=spy.build())
+    assert again.changes.changes == 0 and again.people_state == "synced"
     feed = tmp_path / "feed"
     shutil.copytree(export, feed)
     generate_delta(feed, feed, seed=4, share=0.05)
@@ -126,8 +132,30 @@ def test_bulk_import_equals_online_import_then_deltas_agree(
     bulk_delta = run_import(feed, bulk_farm, bulk_dir, now=later, bulk_target=spy.build())
     assert spy.stops == 1
     assert bulk_delta.changes.counts == online_delta.changes.counts
+    assert bulk_delta.people_state == "synced"
     assert bulk_delta.changes.counts["groups modify"] > 0
     assert _content(bulk_dir) == _content(online_dir)
+
+
+def _state_read(directory: Directory) -> dict[str, tuple[str, dict[str, list[str]]]]:
+    """entryUUID -> (DN, state attributes) of every person, as the directory holds them."""
+    people = f"ou=people,{directory.base}"
+    attrs = importer.reads(directory.base)[2][2]
+    return {e.pop("entryUUID")[0]: (dn, e) for dn, e in directory.search(
+        people, "(ENTPersonJointure=*)", (*attrs, "entryUUID")).items()}
+
+
+def _kept(farm: Farm, directory: Directory) -> dict[str, tuple[str, dict[str, list[str]]]]:
+    """The persons' state the last import kept, with its marker checked against the
+    directory's."""
+    reading = importer.Reading(directory, importer.reads(directory.base)[2], Store(
+        farm.state_dir / "aaf" / "people-state", importer._farm_key(farm, write=False) or b""))
+    kept = reading.store.load(reading.where) if reading.store else None
+    assert kept is not None
+    top = directory.search(directory.base, "(ou=people)", ("description",))
+    assert [v for e in top.values() for v in e.get("description", [])
+            if v.startswith(MARKER_PREFIX)] == [kept.marker]
+    return kept.state
 
 
 def _imported_then_delta(export: Path, slapd: Slapd, tmp_path: Path, seed: int
@@ -184,12 +212,12 @@ def test_first_import_streamed_into_a_failing_slapadd_restores_the_directory(
     real = bulk.offline_record
     fed: list[str] = []
 
-    def one_refused(part: str, member_of: Iterable[str] = ()) -> str:
+    def one_refused(part: str, member_of: Iterable[str] = (), uuid: str | None = None) -> str:
         fed.append(part)
         if len(fed) == 60:
             return (f"dn: cn=broken,ou=groups,{directory.base}\nobjectClass: noSuchClass\n"
                     "cn: broken\n\n")
-        return real(part, member_of)
+        return real(part, member_of, uuid)
 
     monkeypatch.setattr(bulk, "offline_record", one_refused)
     monkeypatch.setattr(importer, "BULK_MIN_ADDS", 50)  # the automatic rule, at a test's scale
