@@ -520,6 +520,12 @@ def test_the_same_change_set_on_several_cores_and_in_small_reads(
     assert 2 in forks  # two children computed digests besides this process
     assert _comparable(many.changes.ldif_parts) == _comparable(one.changes.ldif_parts)
     assert many.changes.per_uai == one.changes.per_uai
+    # Past its share, chunks already read are dropped for one search of every person.
+    monkeypatch.setattr(importer, "_TARGETED_READ_MAX_SHARE", 0.05)
+    said: list[str] = []
+    whole = run_import(feed, farm, directory, now=later, dry_run=True, progress=said.append)
+    assert any(" person entries in full (" in line for line in said), said
+    assert _comparable(whole.changes.ldif_parts) == _comparable(one.changes.ldif_parts)
 
 
 def _replica_tags(directory: Directory) -> dict[str, tuple[set[str], set[str]]]:
