@@ -685,8 +685,8 @@ class _TargetedRead:
     """The entries (owned attributes and uid) of the persons to compare attribute by attribute
     and of those leaving or to purge, by jointure, read while compute() goes on: a search per
     chunk of _TARGETED_READ_CHUNK jointures, up to ``directory.streams`` side by side, each
-    started as soon as its chunk is full. Past ``limit`` persons, one search of every person
-    is cheaper: :meth:`result` says so (None) and what was started is left to finish."""
+    started as soon as its chunk is full. Past ``limit`` persons (:attr:`over`), one search
+    of every person is cheaper: nothing more is started, and what was is left to finish."""
 
     def __init__(self, directory: Directory, limit: float):
         self.directory = directory
@@ -724,11 +724,9 @@ class _TargetedRead:
         self.started.append(self._pool.submit(self.directory.people_by_jointure, chunk,
                                               (*PERSON_ATTRIBUTES, "uid")))
 
-    def result(self) -> dict[str, ldif.Entry] | None:
-        """DN -> entry of every person added, or None past the limit."""
+    def result(self) -> dict[str, ldif.Entry]:
+        """DN -> entry of every person added (not :attr:`over` the limit)."""
         try:
-            if self.over:
-                return None
             self.flush()
             out: dict[str, ldif.Entry] = {}
             for future in self.started:
@@ -760,9 +758,7 @@ def _current_entries(directory: Directory, people_base: str, targeted: _Targeted
     if stale or leaving:
         progress(f"reading {stale} changed person entries in full, and {leaving} leaving "
                  "or to purge")
-    found = targeted.result()
-    assert found is not None
-    return found
+    return targeted.result()
 
 
 def _login_of(dn: str, entry: ldif.Entry) -> str:

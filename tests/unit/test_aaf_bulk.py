@@ -19,7 +19,7 @@ from entfarm.aaf.bulk import BulkLoadFailed, BulkTarget
 from entfarm.aaf.generate import generate, generate_delta
 from entfarm.aaf.importer import Directory, run_import
 from entfarm.aaf.ldif import parse
-from entfarm.aaf.people_state import MARKER_PREFIX, Store
+from entfarm.aaf.people_state import MARKER_PREFIX, Store, where
 from entfarm.aaf.transport import TransportError
 from entfarm.model import Farm, load_farm
 
@@ -148,9 +148,10 @@ def _state_read(directory: Directory) -> dict[str, tuple[str, dict[str, list[str
 def _kept(farm: Farm, directory: Directory) -> dict[str, tuple[str, dict[str, list[str]]]]:
     """The persons' state the last import kept, with its marker checked against the
     directory's."""
-    reading = importer.Reading(directory, importer.reads(directory.base)[2], Store(
-        farm.state_dir / "aaf" / "people-state", importer._farm_key(farm, write=False) or b""))
-    kept = reading.store.load(reading.where) if reading.store else None
+    query = importer.reads(directory.base)[2]
+    kept = Store(farm.state_dir / "aaf" / "people-state",
+                 importer._farm_key(farm, write=False) or b"").load(
+        where(directory.t.describe(), query[0], query[2]))
     assert kept is not None
     top = directory.search(directory.base, "(ou=people)", ("description",))
     assert [v for e in top.values() for v in e.get("description", [])
